@@ -1,0 +1,33 @@
+"""Spawn 1-4 gloo ranks on CPU for a test, with a file rendezvous under the test's tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable, world_size: int, init_file: str, args: tuple) -> None:
+    from gbcosface.distributed import init_from_file, teardown
+
+    torch.set_num_threads(1)
+    ctx = init_from_file(rank, world_size, init_file)
+    try:
+        fn(ctx, *args)
+    finally:
+        teardown(ctx)
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> None:
+    """Run ``fn(ctx, *args)`` on ``world_size`` spawned gloo ranks; re-raise the first failure.
+
+    ``fn`` must be a module-level function (spawn pickles it by name). Results come back through
+    files the function writes under a path passed in ``args``.
+    """
+    init_file = Path(tmp_path) / f"rdzv-{os.getpid()}-{world_size}-{id(fn)}"
+    if init_file.exists():
+        init_file.unlink()
+    mp.spawn(_entry, args=(fn, world_size, str(init_file), args), nprocs=world_size, join=True)
