@@ -202,6 +202,7 @@ def shuffle(src_rec: str | os.PathLike, out_prefix: str | os.PathLike, *, seed: 
     reader = RecordReader(src_rec, src_idx)
     layout = detect_layout(reader)
     order = np.random.default_rng(seed).permutation(layout.image_keys)
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     rec, idx = f"{out_prefix}.rec", f"{out_prefix}.idx"
     if os.path.abspath(rec) == os.path.abspath(reader.path_rec):
         raise DataToolError(f"{rec}: output would overwrite the input")
