@@ -89,7 +89,7 @@ class RecordDataset(Dataset):
             raise RuntimeError(f"{self.reader.path_rec}: no readable image record left")
         if flip:
             img = img[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+        x = torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).contiguous()  # a writable copy
         return x.sub_(127.5).div_(127.5), label
 
 
