@@ -12,12 +12,14 @@ with ``torch.load(weights_only=True)``; its ``"backbone_kwargs"`` entry, if any,
 CLI: ``python -m gbcosface.export --checkpoint model.pt --output model.onnx`` writes an ONNX
 graph with input ``images`` ``[batch, 3, 112, 112]`` and output ``embeddings`` ``[batch, D]``,
 the batch axis dynamic, and checks it with onnxruntime when that is installed.
+``--exporter`` picks torch's dynamo exporter (needs onnxscript) or the TorchScript one.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,23 +97,40 @@ def load_backbone(path: str | Path, name: str | None = None, map_location: str |
     return model.eval()
 
 
-def export_onnx(model: nn.Module, output: str | Path, input_size: int = 112, opset: int = 17) -> Path:
-    """Export ``model`` (in eval mode) to ONNX with a dynamic batch axis.
+def _dynamo_available() -> bool:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's translator)
+    except ImportError:
+        return False
+    return True
 
-    Uses the TorchScript-based exporter (``dynamo=False``): it writes a single self-contained
-    file for these plain conv nets and needs no extra packages; the dynamo exporter (default
-    since torch 2.9) would add onnxscript as a run-time dependency.
+
+def export_onnx(model: nn.Module, output: str | Path, input_size: int = 112, opset: int = 18,
+                exporter: str = "auto") -> Path:
+    """Export ``model`` (in eval mode) to a single ONNX file with a dynamic batch axis.
+
+    ``exporter``: ``"dynamo"`` (torch.export based, the default since torch 2.9; needs
+    onnxscript), ``"torchscript"`` (the older exporter, deprecated but dependency-free and
+    still working for these conv nets), or ``"auto"``: dynamo when onnxscript is installed.
     """
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"unknown ONNX exporter {exporter!r}; use auto, dynamo or torchscript")
+    use_dynamo = exporter == "dynamo" or (exporter == "auto" and _dynamo_available())
     model = _unwrap(model).eval().cpu()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(2, 3, input_size, input_size)
+    names = {"input_names": ["images"], "output_names": ["embeddings"], "opset_version": opset}
     with torch.no_grad():
-        torch.onnx.export(
-            model, (dummy,), str(output), input_names=["images"], output_names=["embeddings"],
-            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
-            opset_version=opset, dynamo=False,
-        )
+        if use_dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (dummy,), str(output), dynamic_shapes=({0: batch},), dynamo=True,
+                              external_data=False, verbose=False, **names)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(model, (dummy,), str(output), dynamo=False,
+                                  dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, **names)
     return output
 
 
@@ -134,10 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="ONNX file to write")
     p.add_argument("--backbone", help="backbone name, only for a plain state-dict checkpoint")
     p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="auto: dynamo when onnxscript is installed, else torchscript")
     args = p.parse_args(argv)
     model = load_backbone(args.checkpoint, name=args.backbone)
-    out = export_onnx(model, args.output, args.input_size, args.opset)
+    out = export_onnx(model, args.output, args.input_size, args.opset, args.exporter)
     print(f"wrote {out}")
     try:
         diff = check_onnx(model, out, input_size=args.input_size)
