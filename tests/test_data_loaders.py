@@ -99,8 +99,12 @@ def test_loader_epoch_labels_and_resume(synth, workers):
     for x, y in epoch0:
         assert x.shape == (4, 3, 112, 112) and y.dtype == torch.int64 and y.shape == (4,)
     # labels match the indices the sampler chose (label of image i is i // PER_ID)
-    idx0 = ShardedBatchSampler(len(ds), 4, 1, 2, seed=3).epoch_batches(0)[0]
+    idx0, flip0 = ShardedBatchSampler(len(ds), 4, 1, 2, seed=3).epoch_batches(0)
     assert torch.cat([y for _, y in epoch0]).tolist() == (idx0.reshape(-1) // PER_ID).tolist()
+    # the batched (uint8 -> normalise once) path gives what the dataset gives per sample
+    want = torch.stack([ds[(int(i), bool(f))][0] for i, f in zip(idx0[0], flip0[0])])
+    torch.testing.assert_close(epoch0[0][0], want, rtol=0, atol=0)
+    assert flip0.any() and not flip0.all()
     assert torch.cat([y for _, y in epoch1]).tolist() != torch.cat([y for _, y in epoch0]).tolist()
 
     # interrupt after 2 batches, save the position, resume in a fresh loader
@@ -174,6 +178,19 @@ def test_synthetic_backend():
     assert x.shape == (8, 3, 112, 112) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert y.tolist() == [(8 + i) % 5 for i in range(8)]
     assert float(x.min()) >= -1 and float(x.max()) <= 1
+
+
+def test_build_loader_from_config(synth):
+    from types import SimpleNamespace
+
+    from gbcosface.data import build_loader_from_config
+    from gbcosface.distributed import DistContext
+
+    cfg = SimpleNamespace(backend="torch", batch_size=3, rec=str(synth / "train.rec"), idx="", num_classes=IDS,
+                          image_size=112, num_workers=0, seed=0, skip_corrupt=False)
+    loader = build_loader_from_config(cfg, DistContext(rank=1, world_size=2))
+    assert isinstance(loader, TorchLoader) and len(loader) == IDS * PER_ID // 6
+    assert loader.sampler.rank == 1 and loader.sampler.world_size == 2
 
 
 def test_build_loader_errors(tmp_path):

@@ -59,9 +59,10 @@ def build_loader(backend: str, *, batch_size: int, rank: int = 0, world_size: in
                  batches_per_epoch: int = 100, **backend_kwargs: Any):
     """Build the loader for this rank; ``rank``/``world_size``/``device`` come from the DistContext.
 
-    ``torch`` yields CPU tensors (move them with ``non_blocking=True``); ``dali`` and
-    ``synthetic`` yield tensors already on ``device``. ``backend_kwargs`` go to the backend
-    (``num_threads``, ``initial_fill``, ``index_dir`` for DALI; ``pin_memory`` for torch).
+    Every backend yields tensors on ``device``. ``backend_kwargs`` go to the backend
+    (``num_threads``, ``initial_fill``, ``index_dir`` for DALI; ``pin_memory``,
+    ``prefetch_factor`` for torch). ``skip_corrupt`` applies to the torch backend; DALI stops
+    at an undecodable record (find it with ``python -m gbcosface.data.pack inspect --check``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"data.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -81,7 +82,7 @@ def build_loader(backend: str, *, batch_size: int, rank: int = 0, world_size: in
         dataset = RecordDataset(rec, idx, image_size=image_size, num_classes=num_classes or None,
                                 skip_corrupt=skip_corrupt)
         return TorchLoader(dataset, batch_size, rank, world_size, seed=seed, num_workers=num_workers,
-                           random_flip=random_flip, **backend_kwargs)
+                           random_flip=random_flip, device=device, **backend_kwargs)
     try:
         from .dali_loader import DaliLoader
         import nvidia.dali  # noqa: F401
