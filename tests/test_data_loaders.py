@@ -257,3 +257,42 @@ def test_dali_rejects_labels_outside_classes(synth, tmp_path):
                           num_threads=1, index_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"train\.rec: label\(s\) .* outside the configured classes \[0, 3\)"):
         _epoch(loader)
+
+
+def _rank_epoch(ctx, rec: str, out_dir: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from gbcosface.data import build_loader_from_config
+
+    cfg = SimpleNamespace(backend="torch", batch_size=2, rec=rec, idx="", num_classes=IDS, image_size=112,
+                          num_workers=1, seed=4, skip_corrupt=False)
+    loader = build_loader_from_config(cfg, ctx)
+    # identify each sample by its pixel checksum (flip-invariant: sum over all pixels)
+    sums = torch.cat([x.double().sum(dim=(1, 2, 3)) for x, _ in loader])
+    count = torch.tensor([len(sums)])
+    counts = [torch.zeros_like(count) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, count, group=ctx.group)
+    gathered = [torch.zeros_like(sums) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, sums, group=ctx.group)
+    if ctx.rank == 0:
+        torch.save({"counts": [int(c) for c in counts], "sums": torch.stack(gathered)}, f"{out_dir}/result.pt")
+
+
+@pytest.mark.slow
+def test_real_ranks_get_disjoint_equal_shards(synth, tmp_path):
+    from tests.dist_utils import run_ranks
+
+    world = 3
+    run_ranks(_rank_epoch, world, tmp_path, str(synth / "train.rec"), str(tmp_path))
+    res = torch.load(tmp_path / "result.pt")
+    steps = IDS * PER_ID // (2 * world)
+    assert res["counts"] == [steps * 2] * world
+    flat = res["sums"].reshape(-1)
+    ds = RecordDataset(synth / "train.rec")
+    truth = torch.stack([ds[i][0].double().sum() for i in range(len(ds))])
+    # every gathered sample is one dataset image, and no image is used twice across ranks
+    match = (flat[:, None] - truth[None]).abs().argmin(dim=1)
+    assert torch.allclose(flat, truth[match], atol=1e-6)
+    assert len(set(match.tolist())) == len(match) == IDS * PER_ID

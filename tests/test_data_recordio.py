@@ -255,3 +255,22 @@ def test_writer_rejects_duplicate_key_and_leaves_no_partial_file(tmp_path):
             w.write(1, IRHeader(0, 1.0, 0, 0), b"a")
             w.write(1, IRHeader(0, 1.0, 0, 0), b"b")
     assert os.listdir(tmp_path) == []
+
+
+def test_broken_continuation_named(tmp_path):
+    rec, idx = _copy_fixture(tmp_path)
+    data = bytearray(rec.read_bytes())
+    # key 4 (offset 188) is multi-part; make its first part claim to be a middle part (cflag 2)
+    lrec = struct.unpack_from("<I", data, 192)[0]
+    struct.pack_into("<I", data, 192, (2 << 29) | (lrec & ((1 << 29) - 1)))
+    rec.write_bytes(bytes(data))
+    with pytest.raises(CorruptRecordError, match=r"record key 4 at byte offset 188: unexpected continuation flag 2"):
+        RecordReader(rec, idx).read_raw(4)
+
+
+def test_rebuild_scan_reports_garbage_offset(tmp_path):
+    rec, _ = _copy_fixture(tmp_path)
+    rec.write_bytes(rec.read_bytes() + b"junkjunk")
+    size = rec.stat().st_size
+    with pytest.raises(CorruptRecordError, match=rf"x\.rec: record at byte offset {size - 8}: wrong magic"):
+        scan_offsets(rec)
