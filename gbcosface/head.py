@@ -72,7 +72,9 @@ class _PositiveAndNegativeLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_hat, w_hat, col, s: float, group: ProcessGroup | None):
-        cos = torch.matmul(x_hat, w_hat.t()).clamp_(-1.0, 1.0)
+        # Under autocast the matmul picks its dtype; otherwise the embeddings' dtype decides
+        # (bf16 embeddings from a DeepSpeed bf16 engine give bf16 cosines, fp32 statistics).
+        cos = torch.matmul(x_hat, w_hat.t().to(x_hat.dtype)).clamp_(-1.0, 1.0)
         has_pos = col >= 0
         safe_col = col.clamp(min=0).unsqueeze(1)
         p_y = torch.where(has_pos, cos.gather(1, safe_col).squeeze(1).float(), 0.0)
@@ -125,7 +127,7 @@ class ShardedHead(nn.Module):
 
     ``sample_rate < 1`` enables Partial FC sampling in training mode: the rank keeps every class
     it owns that is a positive of the global batch, plus a random subset of its other classes
-    (``max(int(rate * num_local), positives)`` rows in all), drawn from a generator seeded by
+    (``max(ceil(rate * num_local), positives)`` rows in all), drawn from a generator seeded by
     (seed, rank) whose state is part of ``state_dict()``. Counting the positives is the step's one
     host synchronisation; without sampling the loss has none.
 
@@ -176,7 +178,7 @@ class ShardedHead(nn.Module):
 
     @property
     def num_sample(self) -> int:
-        return max(1, int(self.sample_rate * self.num_local))
+        return min(self.num_local, max(1, math.ceil(self.sample_rate * self.num_local)))
 
     def extra_repr(self) -> str:
         return (

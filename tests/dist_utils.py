@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,8 +19,13 @@ def _entry(rank: int, fn: Callable, world_size: int, init_file: str, args: tuple
     ctx = init_from_file(rank, world_size, init_file)
     try:
         fn(ctx, *args)
-    finally:
-        teardown(ctx)
+    except BaseException:
+        # Print before tearing down: a failing rank may leave the others inside a collective,
+        # and the group's destruction can then abort the process before spawn reports the error.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    teardown(ctx)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> None:
