@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gbcosface.backbones import build_backbone
+from gbcosface.eval.cli import run
 
 FORMAT_KEYS = ("backbone", "embedding_size", "state_dict")
 
@@ -124,8 +125,10 @@ def export_onnx(model: nn.Module, output: str | Path, input_size: int = 112, ops
     with torch.no_grad():
         if use_dynamo:
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (dummy,), str(output), dynamic_shapes=({0: batch},), dynamo=True,
-                              external_data=False, verbose=False, **names)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree notices
+                torch.onnx.export(model, (dummy,), str(output), dynamic_shapes=({0: batch},), dynamo=True,
+                                  external_data=False, verbose=False, **names)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -170,4 +173,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -48,3 +48,23 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     np.save(tmp_path / "run/labels.npy", np.zeros(4, dtype=bool))
     with pytest.raises(ValueError, match="scores.npy has 3 entries, labels.npy 4"):
         compare.compare([tmp_path / "run"])
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys) -> None:
+    from gbcosface.eval.cli import run
+
+    assert run(lambda: compare.main([str(tmp_path / "nowhere")])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nowhere/scores.npy not found" in err and "\n" not in err
+
+
+def test_progress_line_reaches_total() -> None:
+    import io
+
+    from gbcosface.eval.embed import Progress
+
+    stream = io.StringIO()
+    bar = Progress(10, "embed", stream=stream, every_s=0.0)
+    assert sum(1 for _ in bar.wrap([np.zeros(4), np.zeros(4), np.zeros(2)])) == 3
+    lines = stream.getvalue().split("\r")
+    assert lines[-1].startswith("embed: 10/10 img") and lines[-1].endswith("\n") and "ETA" in lines[-1]

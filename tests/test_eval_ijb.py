@@ -190,3 +190,26 @@ def test_meta_errors_name_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "meta/ijbc_face_tid_mid.txt").write_text("1.jpg 1 1\n99.jpg 2 2\n")
     with pytest.raises(ValueError, match=r"ijbc_face_tid_mid.txt: 1 image\(s\) have no landmarks.*99.jpg"):
         ijb.read_meta(tmp_path, "IJBC")
+
+
+def _rank_extract(ctx, root: str, out_dir: str) -> None:
+    torch.manual_seed(0)
+    model = build_backbone("tiny", 16, width=8)
+    meta = ijb.read_meta(root, "IJBC")
+    feats = ijb.extract_image_features(model, root, meta, ctx, batch_size=2, workers=0, progress=False)
+    np.save(Path(out_dir) / f"feats{ctx.rank}.npy", feats)
+
+
+@pytest.mark.slow
+def test_extraction_split_across_ranks(tmp_path: Path) -> None:
+    from gbcosface.distributed import DistContext
+    from tests.dist_utils import run_ranks
+
+    root = tmp_path / "IJBC"
+    _make_ijb(root)
+    run_ranks(_rank_extract, 2, tmp_path, str(root), str(tmp_path))  # 9 images: 5 + 4 (padded)
+    (tmp_path / "single").mkdir()
+    _rank_extract(DistContext(), str(root), str(tmp_path / "single"))
+    ref = np.load(tmp_path / "single/feats0.npy")
+    for r in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"feats{r}.npy"), ref, rtol=1e-5, atol=1e-5)

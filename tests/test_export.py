@@ -59,7 +59,8 @@ def test_plain_state_dict_needs_a_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,d,kw,exporter", [
     ("tiny", 64, {"width": 8}, "dynamo"), ("tiny", 64, {"width": 8}, "torchscript"),
-    ("mobilefacenet", 128, {}, "dynamo"), ("iresnet18", 512, {}, "dynamo"),
+    ("mobilefacenet", 128, {}, "dynamo"),
+    pytest.param("iresnet18", 512, {}, "dynamo", marks=pytest.mark.slow),
 ])
 def test_onnx_matches_torch(tmp_path: Path, name: str, d: int, kw: dict, exporter: str, capsys) -> None:
     ort = require("onnxruntime")

@@ -17,6 +17,7 @@ import numpy as np
 
 from gbcosface.eval.plot import plot_roc
 from gbcosface.eval.roc import DEFAULT_FARS, format_table, min_resolvable_far, roc_curve, tar_at_far
+from gbcosface.eval.cli import run
 
 
 def load_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +49,8 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path | None = None,
             fars: Sequence[float] = DEFAULT_FARS, title: str = "ROC") -> str:
     """The table as text; writes the ROC PNG to ``output`` when given."""
     rows, curves = {}, {}
-    for name, run in zip(run_labels(run_dirs), run_dirs):
-        scores, labels = load_run(run)
+    for name, run_dir in zip(run_labels(run_dirs), run_dirs):
+        scores, labels = load_run(run_dir)
         rows[name] = (tar_at_far(scores, labels, fars), min_resolvable_far(labels))
         curves[name] = roc_curve(scores, labels)[:2]
     if output is not None:
@@ -70,4 +71,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

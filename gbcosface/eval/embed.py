@@ -58,7 +58,7 @@ class Progress:
         self.total, self.label, self.enabled, self.unit = total, label, enabled, unit
         self.stream = stream or sys.stderr
         self.every_s = every_s
-        self.done = 0
+        self.done = self.width = 0
         self.start = self.last = time.monotonic()
 
     def update(self, n: int) -> None:
@@ -68,9 +68,11 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            text = (f"{self.label}: {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
+                    f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}")
+            self.width = max(self.width, len(text))
             end = "\n" if self.done >= self.total else ""
-            self.stream.write(f"\r{self.label}: {self.done}/{self.total} {self.unit} "
-                              f"{rate:.1f} {self.unit}/s ETA {int(eta) // 60:d}:{int(eta) % 60:02d}{end}")
+            self.stream.write(f"\r{text:<{self.width}}{end}")
             self.stream.flush()
 
     def wrap(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -39,6 +39,7 @@ from gbcosface.eval.align import align_face
 from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
 from gbcosface.eval.plot import plot_roc
 from gbcosface.eval.roc import DEFAULT_FARS, format_table, min_resolvable_far, roc_curve, tar_at_far
+from gbcosface.eval.cli import run
 
 TARGETS = {"IJBC": "ijbc", "IJBB": "ijbb"}
 
@@ -241,4 +242,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -33,6 +33,7 @@ from torch import nn
 from gbcosface.distributed import DistContext, init_distributed, teardown
 from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
 from gbcosface.eval.roc import DEFAULT_FARS, format_far, format_table, min_resolvable_far, tar_at_far
+from gbcosface.eval.cli import run
 
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)
 
@@ -228,4 +229,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
