@@ -155,6 +155,13 @@ def test_label_outside_classes_named(tmp_path):
     assert label == 3 and ds.skipped == 1  # replaced by the next record, with that record's own label
 
 
+@pytest.mark.parametrize("label", [float("nan"), 1.5])
+def test_non_integer_label_named(tmp_path, label):
+    rec = _bad_file(tmp_path, _jpeg(), label)
+    with pytest.raises(CorruptRecordError, match=r"record key 2 at byte offset \d+: label .* is not an integer"):
+        RecordDataset(rec)[2]
+
+
 def test_undecodable_payload_named(tmp_path):
     rec = _bad_file(tmp_path, b"\xff\xd8garbage", 2.0)
     off = RecordReader(rec).offset(2)

@@ -248,13 +248,35 @@ def test_malformed_index_line(tmp_path):
         RecordReader(rec, idx)
 
 
-def test_writer_rejects_duplicate_key_and_leaves_no_partial_file(tmp_path):
+@pytest.mark.parametrize("keys", [[1, 1], [1, 5, 3, 5], [2, 0, 2]])
+def test_writer_rejects_duplicate_key_and_leaves_no_partial_file(tmp_path, keys):
     rec = tmp_path / "d.rec"
-    with pytest.raises(RecordIOError, match="record key 1 written twice"):
+    with pytest.raises(RecordIOError, match=f"record key {keys[-1]} written twice"):
         with RecordWriter(rec) as w:
-            w.write(1, IRHeader(0, 1.0, 0, 0), b"a")
-            w.write(1, IRHeader(0, 1.0, 0, 0), b"b")
+            for k in keys:
+                w.write(k, IRHeader(0, 1.0, 0, 0), b"a")
     assert os.listdir(tmp_path) == []
+
+
+def test_index_with_duplicate_key(tmp_path):
+    rec, idx = _copy_fixture(tmp_path)
+    idx.write_text(idx.read_text() + "3\t0\n")
+    with pytest.raises(RecordIOError, match=r"x\.idx: record key 3 appears more than once"):
+        RecordReader(rec, idx)
+
+
+def test_sorted_dense_and_sparse_indexes_agree(tmp_path):
+    """The three lookup paths (ascending dense, ascending sparse, unsorted) find the same records."""
+    payloads = {k: f"rec{k}".encode() for k in range(10)}
+    for name, order in [("dense", list(range(10))), ("sparse", [0, 2, 4, 6, 8]), ("unsorted", [7, 1, 9, 0, 4])]:
+        rec = tmp_path / f"{name}.rec"
+        with RecordWriter(rec) as w:
+            for k in order:
+                w.write_raw(k, payloads[k])
+        reader = RecordReader(rec)
+        assert reader.keys() == order
+        assert all(reader.read_raw(k) == payloads[k] for k in order)
+        assert all(k not in reader for k in set(range(-1, 12)) - set(order))
 
 
 def test_broken_continuation_named(tmp_path):

@@ -8,6 +8,7 @@ would have seen without the interruption, whatever the number of workers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Iterator, Sequence
 
@@ -59,9 +60,9 @@ class RecordDataset(Dataset):
             return CorruptRecordError(self.reader.path_rec, key, self.reader.offset(key), reason)
 
         value = first_label(header)
-        label = int(value)
-        if label != value:
+        if not math.isfinite(value) or value != int(value):
             raise bad(f"label {value} is not an integer")
+        label = int(value)
         if label < 0 or self.num_classes is not None and label >= self.num_classes:
             raise bad(f"label {label} is outside the configured classes [0, {self.num_classes})")
         try:
