@@ -18,6 +18,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,11 @@ class ConfigError(ValueError):
         super().__init__(f"{count} problem{'s' if count != 1 else ''} in the configuration:\n{lines}")
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, doc: str) -> Any:
     """A field with its one-line documentation; lists get a fresh copy per instance."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
 
 
 class _Section:
@@ -95,7 +96,7 @@ ENGINES = ("ddp", "deepspeed")
 @dataclass
 class DataConfig(_Section):
     _name = "data"
-    backend: str = _f("torch", "loader: 'dali' (GPU decode), 'torch' (DataLoader) or 'synthetic' (random tensors, no files)")
+    backend: str = _f("torch", "loader: 'dali', 'torch' (DataLoader) or 'synthetic' (random tensors, no files)")
     rec: str = _f("", "path of the training .rec file")
     idx: str = _f("", "path of the training .idx file that indexes the .rec")
     num_classes: int = _f(0, "number of identities, labels in [0, num_classes); 0 = unset, which validate() refuses")
@@ -270,7 +271,7 @@ class LogConfig(_Section):
 class DeepSpeedConfig(_Section):
     _name = "deepspeed"
     config: str = _f("", "a DeepSpeed JSON config; when set it is used as is, and must agree with train.amp")
-    zero_stage: int = _f(1, "ZeRO stage for the backbone when no JSON is given (0, 1 or 2); precision follows train.amp")
+    zero_stage: int = _f(1, "ZeRO stage (0, 1 or 2) when no JSON is given; precision follows train.amp")
 
     def _problems(self) -> list[tuple[str, str]]:
         return _checks(
@@ -332,7 +333,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise TypeError(f"expected a list of {_type_name(item)}, got {value!r}")
+            raise TypeError(f"expected a list of {_type_name(item)} (a TOML array such as [5, 10] or "
+                            f"[\"a\"]), got {value!r}")
         return [_coerce(v, item) for v in value]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -365,7 +367,7 @@ def _parse_override_value(raw: str, tp: Any) -> Any:
     return value
 
 
-def _parse_overrides(overrides: list[str], problems: list[Problem]) -> list[tuple[str, str, str, str]]:
+def _parse_overrides(overrides: Sequence[str], problems: list[Problem]) -> list[tuple[str, str, str, str]]:
     """Split ``section.key=value`` items, reporting malformed ones."""
     parsed = []
     for item in overrides:
@@ -378,7 +380,7 @@ def _parse_overrides(overrides: list[str], problems: list[Problem]) -> list[tupl
     return parsed
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
     """Build a Config from nested ``{section: {key: value}}`` plus overrides; report all problems."""
     problems: list[Problem] = []
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
@@ -407,7 +409,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
             continue
         for key, value in table.items():
             put(section, key, value, source, f"{section}.{key}")
-    for section, key, raw, item in _parse_overrides(list(overrides), problems):
+    for section, key, raw, item in _parse_overrides(overrides, problems):
         tp = hints.get(section, {}).get(key, str)
         put(section, key, _parse_override_value(raw, tp), f"override {item!r}", f"{section}.{key}")
 
@@ -422,7 +424,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
     return Config(**sections)
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """Read a TOML preset (or a saved ``config.json``) and apply dotted overrides."""
     path = Path(path)
     try:
@@ -432,7 +434,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError([Problem("", f"not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}", str(path))]) from None
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError([Problem("", f"not valid {kind}: {exc}", str(path))]) from None
     return config_from_dict(data, str(path), overrides)
 
 
@@ -474,7 +477,8 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         for key in ("rec", "idx"):
             need(bool(getattr(d, key)), f"data.{key}", f"must be set when data.backend is {d.backend!r}")
     known = _backbone_names()
-    need(cfg.backbone.name in known, "backbone.name", f"unknown {cfg.backbone.name!r}{_suggest(cfg.backbone.name, known)}")
+    backbone = cfg.backbone.name
+    need(backbone in known, "backbone.name", f"unknown {backbone!r}{_suggest(backbone, known)}")
     need(loss.boundary_min <= loss.boundary_max, "loss.boundary_min",
          f"{loss.boundary_min} is above loss.boundary_max {loss.boundary_max}")
     if o.lr_schedule == "step":

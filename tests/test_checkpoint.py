@@ -247,7 +247,8 @@ def _save_on_ranks(ctx: DistContext, root: str, out: str) -> None:
     with torch.no_grad():
         weight.copy_(full_rows(0)[start:start + n])
     rows, rest = split_optimizer_rows(opt.state_dict(), n)
-    save_checkpoint(root, ctx=ctx, step=40, epoch=2, config=make_config(), head=HeadShard(start, n, weight.detach(), rows, rest),
+    head = HeadShard(start, n, weight.detach(), rows, rest)
+    save_checkpoint(root, ctx=ctx, step=40, epoch=2, config=make_config(), head=head,
                     train_state={"boundary": torch.tensor([0.55])}, backbone={"w": torch.zeros(2)},
                     rank_state={"rank": torch.tensor(ctx.rank)}, keep=1)
 

@@ -57,7 +57,8 @@ def test_ms1mv2_preset_is_the_published_recipe():
     assert (cfg.backbone.name, cfg.backbone.embedding_size) == ("iresnet100", 512)
     assert cfg.data.batch_size * 8 == 512
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
-    assert (cfg.train.epochs, cfg.optim.lr_schedule, cfg.optim.milestones, cfg.optim.gamma) == (24, "step", [5, 10, 15, 20], 0.1)
+    optim = cfg.optim
+    assert (cfg.train.epochs, optim.lr_schedule, optim.milestones, optim.gamma) == (24, "step", [5, 10, 15, 20], 0.1)
     loss = cfg.loss
     assert (loss.name, loss.s, loss.m, loss.alpha, loss.update_rate) == ("gbcosface", 32.0, 0.16, 0.15, 0.01)
     assert (loss.boundary_min, loss.boundary_max) == (0.5, 0.7)
