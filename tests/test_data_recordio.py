@@ -276,6 +276,9 @@ def test_sorted_dense_and_sparse_indexes_agree(tmp_path):
         reader = RecordReader(rec)
         assert reader.keys() == order
         assert all(reader.read_raw(k) == payloads[k] for k in order)
+        assert reader.offsets_for(np.array(order[::-1])).tolist() == [reader.offset(k) for k in order[::-1]]
+        with pytest.raises(KeyError, match="no record key 11"):
+            reader.offsets_for(np.array([order[0], 11]))
         assert all(k not in reader for k in set(range(-1, 12)) - set(order))
 
 

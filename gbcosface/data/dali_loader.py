@@ -40,7 +40,7 @@ def write_image_index(path_rec: str | os.PathLike, path_idx: str | os.PathLike |
         keep = np.ones(len(keys), dtype=bool)
         keep[np.random.default_rng([seed, 0xD1]).choice(len(keys), drop, replace=False)] = False
         keys = keys[keep]
-    write_index(out_idx, keys.tolist(), [reader.offset(k) for k in keys.tolist()])
+    write_index(out_idx, keys.tolist(), reader.offsets_for(keys).tolist())
     return len(keys)
 
 
