@@ -187,3 +187,32 @@ def test_inspect_check_reports_corrupt_record(tmp_path, folder):
     info = tools.inspect(tmp_path / "train.rec", check=True)
     assert len(info["corrupt"]) == 1
     assert f"record key 2 at byte offset {off}" in info["corrupt"][0]
+
+
+def test_packed_folder_through_loaders(tmp_path, folder):
+    """pack -> torch loader (and DALI when installed): the labels and pixels of the source files."""
+    import torch
+
+    from gbcosface.data import build_loader
+    from gbcosface.data.torch_loader import RecordDataset
+
+    root, truth = folder
+    tools.pack(root, tmp_path / "train", verbose=False)
+    files = sorted(truth, key=lambda p: (truth[p][0], p))
+    ds = RecordDataset(tmp_path / "train.rec", num_classes=3)
+    for i, path in enumerate(files):
+        x, label = ds[i]
+        assert label == truth[path][0]
+        if truth[path][1] == "jpeg":  # passed through: decodes exactly like the source file
+            src = torch.from_numpy(decode_image(Path(path).read_bytes()).astype(np.float32)).permute(2, 0, 1)
+            torch.testing.assert_close(x, (src - 127.5) / 127.5, rtol=0, atol=0)
+    loader = build_loader("torch", batch_size=3, rec=str(tmp_path / "train.rec"), num_classes=3, num_workers=0)
+    labels = sorted(torch.cat([y for _, y in loader]).tolist())
+    assert labels == sorted(lab for lab, _ in truth.values())
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return
+    dali = build_loader("dali", batch_size=3, rec=str(tmp_path / "train.rec"), num_classes=3, num_threads=1,
+                        index_dir=str(tmp_path / "dali"))
+    assert sorted(torch.cat([y for _, y in dali]).tolist()) == labels
