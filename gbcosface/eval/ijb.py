@@ -162,33 +162,40 @@ def face_features(image_features: np.ndarray, meta: IJBMeta, normalise_images: b
     return feats * meta.det_scores[meta.face_image][:, None]
 
 
+def _segment_sums(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Row sums over runs of equal keys (``sorted_keys`` non-decreasing, every run non-empty)."""
+    starts = np.r_[0, np.nonzero(np.diff(sorted_keys))[0] + 1]
+    return np.add.reduceat(values, starts, axis=0)
+
+
 def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(template ids, L2-normalised features)``: per template, the sum over its media of
     the mean feature of that media's faces."""
-    tids, t_inv = np.unique(templates, return_inverse=True)
-    # One group per (template, media); its mean, then summed into the template.
-    _, g_inv = np.unique(np.stack([templates, medias], 1), axis=0, return_inverse=True)
+    # Groups are the distinct (template, media) rows, sorted by template first.
+    groups, g_inv = np.unique(np.stack([templates, medias], 1), axis=0, return_inverse=True)
     g_inv = g_inv.ravel()
-    n_groups = int(g_inv.max()) + 1
-    sums = np.zeros((n_groups, feats.shape[1]))
-    np.add.at(sums, g_inv, feats)
-    counts = np.bincount(g_inv, minlength=n_groups)
-    group_template = np.zeros(n_groups, dtype=np.int64)
-    group_template[g_inv] = t_inv
-    out = np.zeros((len(tids), feats.shape[1]))
-    np.add.at(out, group_template, sums / counts[:, None])
+    order = np.argsort(g_inv, kind="stable")
+    media_means = _segment_sums(feats[order], g_inv[order]) / np.bincount(g_inv)[:, None]
+    out = _segment_sums(media_means, groups[:, 0])
+    tids = np.unique(groups[:, 0])
     return tids, out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-def pair_scores(tids: np.ndarray, tfeats: np.ndarray, pairs: np.ndarray, pair_file: str = "pair file") -> np.ndarray:
-    """Cosine of each pair's template features (templates looked up by id)."""
+def pair_scores(tids: np.ndarray, tfeats: np.ndarray, pairs: np.ndarray, pair_file: str = "pair file",
+                chunk: int = 100_000) -> np.ndarray:
+    """Cosine of each pair's template features (templates looked up by id), ``chunk`` pairs at
+    a time: IJB-C has 15.7M pairs, too many to gather at once."""
     pos = np.searchsorted(tids, pairs)
     pos_c = np.minimum(pos, len(tids) - 1)
     unknown = tids[pos_c] != pairs
     if unknown.any():
         raise ValueError(f"{pair_file}: template {int(pairs[unknown][0])} has no faces in the tid_mid file "
                          f"({int(unknown.any(axis=1).sum())} pair(s) affected)")
-    return np.sum(tfeats[pos_c[:, 0]] * tfeats[pos_c[:, 1]], axis=1)
+    scores = np.empty(len(pairs))
+    for i in range(0, len(pairs), chunk):
+        a, b = pos_c[i:i + chunk, 0], pos_c[i:i + chunk, 1]
+        scores[i:i + chunk] = np.einsum("ij,ij->i", tfeats[a], tfeats[b])
+    return scores
 
 
 def evaluate(image_features: np.ndarray, meta: IJBMeta, normalise_images: bool = False,
