@@ -143,4 +143,7 @@ def init_from_file(rank: int, world_size: int, init_file: str, backend: str = "g
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group this context created (no-op in a single process)."""
     if ctx.group is not None and dist.is_initialized():
+        # Destroy together: a gloo rank whose peers already closed their pairs can abort
+        # ("terminate called without an active exception") inside the destruction.
+        dist.barrier(group=ctx.group)
         dist.destroy_process_group()
