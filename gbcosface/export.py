@@ -18,6 +18,7 @@ the batch axis dynamic, and checks it with onnxruntime when that is installed.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,17 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gbcosface.backbones import build_backbone
+from gbcosface.backbones import build_backbone, unwrap
 from gbcosface.eval.cli import run
 
 FORMAT_KEYS = ("backbone", "embedding_size", "state_dict")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DeepSpeed wrappers, so keys carry no ``module.`` prefix."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def save_backbone(path: str | Path, name: str, model: nn.Module, **meta) -> None:
@@ -45,7 +39,7 @@ def save_backbone(path: str | Path, name: str, model: nn.Module, **meta) -> None
     Pass ``backbone_kwargs={...}`` in ``meta`` when the backbone was built with options.
     Written to a temporary name and renamed, so a reader never sees half a file.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     embedding_size = meta.pop("embedding_size", getattr(model, "embedding_size", None))
     if embedding_size is None:
         raise ValueError(f"save_backbone: {type(model).__name__} has no embedding_size; pass embedding_size=")
@@ -108,7 +102,7 @@ def _dynamo_available() -> bool:
 
 def export_onnx(model: nn.Module, output: str | Path, input_size: int = 112, opset: int = 18,
                 exporter: str = "auto") -> Path:
-    """Export ``model`` (in eval mode) to a single ONNX file with a dynamic batch axis.
+    """Export a float32, eval-mode copy of ``model`` to one ONNX file with a dynamic batch axis.
 
     ``exporter``: ``"dynamo"`` (torch.export based, the default since torch 2.9; needs
     onnxscript), ``"torchscript"`` (the older exporter, deprecated but dependency-free and
@@ -117,7 +111,7 @@ def export_onnx(model: nn.Module, output: str | Path, input_size: int = 112, ops
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"unknown ONNX exporter {exporter!r}; use auto, dynamo or torchscript")
     use_dynamo = exporter == "dynamo" or (exporter == "auto" and _dynamo_available())
-    model = _unwrap(model).eval().cpu()
+    model = copy.deepcopy(unwrap(model)).float().eval().cpu()  # leave the caller's model as it was
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(2, 3, input_size, input_size)
@@ -144,7 +138,7 @@ def check_onnx(model: nn.Module, onnx_path: str | Path, batch: int = 3, input_si
 
     x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = _unwrap(model).eval().cpu()(x).numpy()
+        ref = copy.deepcopy(unwrap(model)).float().eval().cpu()(x).numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = sess.run(["embeddings"], {"images": x.numpy()})[0]
     return float(abs(out - ref).max())

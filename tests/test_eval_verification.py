@@ -145,7 +145,9 @@ def test_verify_single_process_uses_flip_sum_and_eval_mode() -> None:
     torch.testing.assert_close(emb, _reference_embeddings(model, images), rtol=1e-5, atol=1e-5)
     from gbcosface.eval.verification import VerificationSet
 
-    res = verify(model, VerificationSet("v", images, issame), DistContext(), batch_size=4)
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # DDP / DeepSpeed style: the backbone is evaluated unwrapped
+    res = verify(wrapped, VerificationSet("v", images, issame), DistContext(), batch_size=4)
     ref = evaluate(_reference_embeddings(model, images).numpy(), issame)
     np.testing.assert_allclose(res.scores, ref.scores, atol=1e-6)
 

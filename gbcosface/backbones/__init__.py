@@ -24,6 +24,14 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 _ALIASES = {"r18": "iresnet18", "r50": "iresnet50", "r100": "iresnet100", "mbf": "mobilefacenet"}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The backbone inside DDP / DeepSpeed wrappers (their ``.module``): what evaluation runs,
+    free of the wrappers' forward hooks, and what is saved, without a ``module.`` key prefix."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def backbone_names() -> list[str]:
     """Known names, aliases included."""
     return sorted(_REGISTRY) + sorted(_ALIASES)
@@ -44,4 +52,4 @@ def build_backbone(name: str, embedding_size: int = 512, **kw) -> nn.Module:
 
 
 __all__ = ["IResNet", "MobileFaceNet", "TinyNet", "backbone_names", "build_backbone",
-           "iresnet18", "iresnet50", "iresnet100"]
+           "iresnet18", "iresnet50", "iresnet100", "unwrap"]

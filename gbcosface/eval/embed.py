@@ -23,13 +23,15 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def flip_embed(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum of the embeddings of a uint8 batch and of its horizontal mirror (not normalised).
+    """Sum of the embeddings of a uint8 batch and of its horizontal mirror (not normalised),
+    in float32. The input takes the model's parameter dtype (bf16/fp16 engines).
 
     Images are kept as uint8 until here and mirrored per batch, so a loaded set costs one byte
     per pixel instead of eight (float original + float flipped copy).
     """
-    x = normalise(images.to(device, non_blocking=True))
-    return (model(x) + model(torch.flip(x, dims=[3]))).float()
+    dtype = next(model.parameters()).dtype
+    x = normalise(images.to(device, non_blocking=True)).to(dtype)
+    return model(x).float() + model(torch.flip(x, dims=[3])).float()
 
 
 def rank_indices(n: int, ctx: DistContext) -> np.ndarray:

@@ -34,6 +34,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from gbcosface.backbones import unwrap
 from gbcosface.distributed import DistContext, init_distributed, teardown
 from gbcosface.eval.align import align_face
 from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
@@ -144,6 +145,7 @@ def extract_image_features(model: nn.Module, root: str | Path, meta: IJBMeta, ct
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False)
     bar = Progress(len(rows), "IJB features" + (f" (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else ""),
                    enabled=progress and ctx.is_main)
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     try:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from gbcosface.backbones import unwrap
 from gbcosface.distributed import DistContext, init_distributed, teardown
 from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
 from gbcosface.eval.roc import DEFAULT_FARS, format_far, format_table, min_resolvable_far, tar_at_far
@@ -177,11 +178,13 @@ def evaluate(embeddings: np.ndarray, issame: np.ndarray, name: str = "pairs", n_
 def embed_images(model: nn.Module, images: torch.Tensor, ctx: DistContext, batch_size: int = 128,
                  progress: bool = True, label: str = "embed") -> torch.Tensor:
     """Flip-test embeddings ``[N, D]`` (not normalised) of uint8 images, split across ranks
-    and all-gathered: every rank must call this. The model is run in eval mode."""
+    and all-gathered: every rank must call this. The backbone (unwrapped from DDP/DeepSpeed)
+    runs in eval mode and is put back in its previous mode."""
     n = len(images)
     idx = torch.from_numpy(rank_indices(n, ctx))
     bar = Progress(len(idx), f"{label} (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else label,
                    enabled=progress and ctx.is_main)
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     try:
