@@ -54,7 +54,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path | None = None,
         rows[name] = (tar_at_far(scores, labels, fars), min_resolvable_far(labels))
         curves[name] = roc_curve(scores, labels)[:2]
     if output is not None:
-        plot_roc(curves, output, title=title, min_far=min(fars))
+        plot_roc(curves, output, title=title, min_far=min([f for f in fars if f > 0], default=1e-6))
     return format_table(rows)
 
 

@@ -79,7 +79,8 @@ def min_resolvable_far(labels: np.ndarray) -> float:
 
 
 def format_far(far: float) -> str:
-    return f"{far:.0e}".replace("e-0", "e-")
+    """``1e-6`` style labels for table headers."""
+    return f"{far:.0e}".replace("e-0", "e-") if far else "0"
 
 
 def format_table(rows: dict[str, tuple[dict[float, float], float]], title: str = "TAR@FAR") -> str:
