@@ -16,6 +16,8 @@ def _entry(rank: int, fn: Callable, world_size: int, init_file: str, args: tuple
     from gbcosface.distributed import init_from_file, teardown
 
     torch.set_num_threads(1)
+    # What a launcher would export; DeepSpeed insists on reading them even with a group in place.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     ctx = init_from_file(rank, world_size, init_file)
     try:
         fn(ctx, *args)
