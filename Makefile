@@ -28,8 +28,14 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Synthetic identities (made once), then 2 gloo ranks train configs/demo_cpu.toml from scratch
+# and print held-out verification before and after training.
 demo: venv
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m gbcosface.demo_loss
+	@test -f data/synthetic/train.rec -a -f data/synthetic/synth_val.bin || \
+		$(PY) -m gbcosface.data.synthetic --out data/synthetic
+	rm -rf output/demo
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 \
+		train_dist.py --config configs/demo_cpu.toml
 
 clean:
 	rm -rf $(VENV) output runs .pytest_cache

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(device=args.device, timeout_s=cfg.train.timeout_s, local_rank_arg=args.local_rank)
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {ctx.rank}] %(levelname)s %(message)s")
-    from gbcosface.trainer import Trainer
+    from gbcosface.trainer import Trainer, summarize
 
     try:
         try:
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, request_stop)
         result = trainer.fit()
         if ctx.is_main:
-            print(f"done: {result['status']} at step {result['step']}; output in {cfg.train.output}")
+            print(summarize(result, cfg.tensorboard_dir if cfg.log.tensorboard else None))
+            print(f"output: {cfg.train.output} (checkpoints in {cfg.checkpoint_dir}, backbone in model.pt)")
     finally:
         teardown(ctx)
     return 0

@@ -41,6 +41,25 @@ _LOSS_PARAMS = {
 }
 
 
+def summarize(result: dict[str, Any], tensorboard_dir: Path | None) -> str:
+    """The end-of-run report: verification before and after training, and where the logs are."""
+    from gbcosface.eval.roc import format_table
+
+    lines = [f"training {result['status']} at step {result['step']}"]
+    if result["after"]:
+        rows, accuracy = {}, []
+        for when in ("before", "after"):
+            for name, res in result[when].items():
+                rows[f"{name} {when}"] = (res.tar_at_far, res.min_far)
+                accuracy.append(f"{name} {when:<6}  accuracy {100 * res.accuracy:6.2f}% +- {100 * res.accuracy_std:.2f}"
+                                f"  ({len(res.labels)} pairs)")
+        lines += ["", "held-out verification (10-fold accuracy, TAR@FAR in %):", *accuracy, "",
+                  format_table(rows, title="TAR@FAR")]
+    if tensorboard_dir is not None:
+        lines += ["", f"TensorBoard logs: {tensorboard_dir}   (tensorboard --logdir {tensorboard_dir})"]
+    return "\n".join(lines)
+
+
 class NonFiniteLossError(FloatingPointError):
     """Too many non-finite losses in a row: the run stopped (after a checkpoint)."""
 
