@@ -9,6 +9,7 @@ neither train_dist.py nor a GPU.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.optional import require
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -304,3 +307,22 @@ def test_scripts_are_executable_and_strict():
         text = path.read_text()
         assert text.startswith("#!/usr/bin/env bash\n"), path
         assert "\nset -euo pipefail\n" in text, path
+
+
+def test_shipped_deepspeed_json_is_accepted_by_the_trainer_config(tmp_path):
+    """ds_zero*_bf16.json: keys DeepSpeed's ZeRO schema accepts, and train.amp=bf16 agrees."""
+    from gbcosface.config import ConfigError, load_config, validate
+
+    require("deepspeed")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for stage in (1, 2):
+        path = REPO / "launch" / f"ds_zero{stage}_bf16.json"
+        ds = json.loads(path.read_text())
+        assert ds["bf16"] == {"enabled": True} and ds["zero_allow_untested_optimizer"] is True
+        assert int(DeepSpeedZeroConfig(**ds["zero_optimization"]).stage) == stage
+        base = ["train.engine=deepspeed", f"deepspeed.config={path}", "data.backend=synthetic", "eval.bins=[]",
+                f"train.output={tmp_path / 'out'}"]
+        validate(load_config(REPO / CONFIG, base + ["train.amp=bf16"]), world_size=2)
+        with pytest.raises(ConfigError, match="deepspeed.config"):
+            validate(load_config(REPO / CONFIG, base), world_size=2)
