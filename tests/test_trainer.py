@@ -28,10 +28,10 @@ def synthetic(tmp_path_factory) -> dict:
                     seed=3, workers=1, verbose=False)
 
 
-def make_config(data: dict, output: Path, **sections) -> dict:
+def make_config(dataset: dict, output: Path, **sections) -> dict:
     cfg = {
-        "data": {"backend": "torch", "rec": data["rec"], "idx": data["idx"], "num_classes": data["classes"],
-                 "num_images": data["images"], "batch_size": 8, "num_workers": 0},
+        "data": {"backend": "torch", "rec": dataset["rec"], "idx": dataset["idx"], "num_classes": dataset["classes"],
+                 "num_images": dataset["images"], "batch_size": 8, "num_workers": 0},
         "backbone": {"name": "tiny", "embedding_size": 32},
         "loss": {"name": "gbcosface"},
         "optim": {"lr": 0.05, "warmup_epochs": 0.0, "grad_clip": 5.0},
