@@ -160,7 +160,8 @@ def test_slurm_exact_command(tmp_path):
     proc = run("slurm.sbatch", ["--config", CONFIG, "--dry-run", "optim.lr=0.3"], env)
     argv = command_of(proc)
     config = str(REPO / CONFIG)
-    task_env = f"ALL,NNODES=3,RDZV_ENDPOINT=gpu-a17:29777,RDZV_ID=slurm-4242,REPO_DIR={REPO},NPROC_PER_NODE=8"
+    task_env = (f"ALL,NNODES=3,RDZV_ENDPOINT=gpu-a17:29777,RDZV_ID=slurm-4242,REPO_DIR={REPO},"
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=100,NPROC_PER_NODE=8")
     assert argv == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--export={task_env}",
                     "--container-image=gbcosface.sqsh", "--container-mounts=/data:/workspace/gbcosface/data",
                     "bash", str(LAUNCH / "torchrun_multi_node.sh"), "--config", config, "optim.lr=0.3"]

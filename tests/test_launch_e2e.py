@@ -167,3 +167,30 @@ def test_rendezvous_that_never_completes_fails_within_the_timeout(rendezvous, tm
     assert elapsed < timeout + 60, f"took {elapsed:.0f} s for a {timeout} s rendezvous timeout"
     assert "rendezvous did not complete" in text and "NNODES=2" in text and f"RDZV_TIMEOUT={timeout}" in text, text
     assert not (tmp_path / "never").exists(), "no worker may start without a complete rendezvous"
+
+
+def test_sigterm_to_the_launch_script_checkpoints_and_stops(synthetic, tmp_path):
+    """Preemption: SIGTERM to the script (as SLURM sends it) reaches torchrun and the workers,
+    which agree to stop, write a complete checkpoint at the next step and exit."""
+    output = tmp_path / "preempted"
+    overrides = tiny_overrides(synthetic, output, epochs=500)  # far more steps than the test waits for
+    env = launch_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    log = tmp_path / "preempted.log"
+    proc = start("torchrun_single_node.sh", ["--config", CONFIG, *overrides], env, log)
+    deadline = time.monotonic() + 180
+    while "step 3/" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            finish([proc], [log], timeout=1)
+            pytest.fail("training never reached step 3\n" + tails([log]))
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    finish([proc], [log], timeout=120)
+    text = log.read_text()
+    assert "stop requested" in text, tails([log])
+    from gbcosface.checkpoint import list_checkpoints, read_manifest
+
+    (ckpt,) = list_checkpoints(output / "ckpt")
+    manifest = read_manifest(ckpt)
+    total = 500 * IDENTITIES * PER_IDENTITY // (BATCH * 2)
+    assert 3 <= manifest["step"] < total and manifest["world_size"] == 2
+    assert not (output / "model.pt").exists(), "an interrupted run exports no final model"
