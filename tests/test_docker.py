@@ -319,3 +319,38 @@ def test_compose_tensorboard_reads_the_trainer_output(compose):
     assert logdir in mounts and mounts[logdir][1] == "ro"
     assert mounts[logdir][0] == volumes(trainer)[f"{workdir().rstrip('/')}/output"][0]
     assert any(str(p).endswith(":6006") for p in tensorboard["ports"])
+
+
+# --------------------------------------------------------------------------- entrypoint
+
+
+def entrypoint(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    from tests.test_launch import clean_env
+
+    full = clean_env(tmp_path, APP_DIR=str(REPO), **env)
+    return subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), *args], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("launcher, script, extra", [
+    (None, "torchrun_single_node.sh", {}),
+    ("multi", "torchrun_multi_node.sh", {"NNODES": "2", "RDZV_ENDPOINT": "head:29400"}),
+    ("deepspeed", "deepspeed.sh", {}),
+])
+def test_entrypoint_picks_the_launch_script(launcher, script, extra, tmp_path):
+    env = dict(extra, NPROC_PER_NODE="8")
+    if launcher:
+        env["LAUNCHER"] = launcher
+    proc = entrypoint(["--config", "configs/demo_cpu.toml", "--dry-run", "optim.lr=0.1"], tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[launch] command: "))
+    assert line.endswith("--config configs/demo_cpu.toml optim.lr=0.1") or "optim.lr=0.1" in line
+    helptext = entrypoint(["--help"], tmp_path, **env).stdout
+    assert f"launch/{script}" in helptext
+
+
+def test_entrypoint_runs_other_commands_and_refuses_unknown_launchers(tmp_path):
+    proc = entrypoint([sys.executable, "-c", "print('hello from the image')"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "hello from the image"
+    proc = entrypoint(["--config", "configs/demo_cpu.toml"], tmp_path, LAUNCHER="mpi")
+    assert proc.returncode == 2 and "LAUNCHER must be single, multi or deepspeed, got 'mpi'" in proc.stderr
