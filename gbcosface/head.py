@@ -57,35 +57,92 @@ def init_rows(start: int, count: int, dim: int, seed: int, std: float = 0.01) ->
     return out
 
 
+# Tile size when chunk_size is None: the whole block is kept for backward, but it is filled and
+# reduced in [N, T] tiles of about this many elements (2 MB of fp32; T = 2048 rows at N = 256),
+# so the elementwise passes and the [T, D] row temporaries stay in cache and reuse freed memory
+# instead of faulting in fresh pages (measured 1.5x -> 1.35x the GEMM floor on a 2-core CPU).
+_TILE_ELEMENTS = 1 << 19
+# F.normalize's default: rows shorter than this are divided by it instead of their norm.
+_NORM_EPS = 1e-12
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The cosines' dtype: autocast's when it is on (backward runs outside it), else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _tile_rows(weight: torch.Tensor, index: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """Raw weight rows of one tile: a view, or (Partial FC) a gather of the kept rows."""
+    return weight[start:stop] if index is None else weight.index_select(0, index[start:stop])
+
+
+def _unit_rows(w_tile: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``F.normalize`` of one tile's rows given their norms: only a tile is ever normalised, so the
+    head holds no normalised copy of its weight (the memory floor is weight + grad + momentum)."""
+    return w_tile / norms.clamp(min=_NORM_EPS).unsqueeze(1)
+
+
+def _tile_cosines(x_c: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """``cos [N, T]`` of unit embeddings and unit rows, in the embeddings' compute dtype."""
+    return torch.mm(x_c, w_hat.to(x_c.dtype).t()).clamp_(-1.0, 1.0)
+
+
+def _positive_in_tile(col: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_tile [N] bool, column [N, 1])``: where the positive lies in this tile (0 elsewhere)."""
+    local = col - start
+    return (local >= 0) & (local < stop - start), local.clamp(0, stop - start - 1).unsqueeze(1)
+
+
 class _PositiveAndNegativeLSE(torch.autograd.Function):
-    """forward: ``(x_hat [N, D], w_hat [K, D]) -> (p_y [N], p_n [N])`` in fp32, identical on all ranks.
+    """forward: ``(x_hat [N, D], weight [C_local, D]) -> (p_y [N], p_n [N])`` in fp32, the same on all ranks.
 
-    ``col [N]`` is the positive's column in this rank's block, -1 where another rank owns it. The
-    block ``cos [N, K]`` is kept for backward; the only collectives are an all-reduce MAX of the
-    local row maxima and one all-reduce SUM of ``[sum-exp, p_y]`` packed together.
+    ``weight`` is the raw (unnormalised) shard; ``index [K]`` (Partial FC, ascending) selects the
+    kept rows, or is None for all of them; ``col [N]`` is the positive's column among the K rows,
+    -1 where another rank owns it. The K rows are walked in tiles of ``tile``: each tile's cosines
+    ``[N, T]`` give ``p_y`` where the positive falls in the tile and update an online (max,
+    sum-exp) of the negatives' logits in fp32. The only collectives are an all-reduce MAX of the
+    row maxima and one all-reduce SUM of ``[sum-exp * exp(max - global max), p_y]`` packed together.
+    With ``keep_block`` the tiles are kept for backward (the ``[N, K]`` block in memory); without
+    it (memory-bounded mode) backward recomputes them, one more ``[N, D] x [D, T]`` product each.
 
-    backward: ``dcos_ij = g_py_i`` at the positive and ``g_pn_i * exp(s cos_ij - s p_n_i)`` at the
-    negatives (the negatives' softmax), then ``dx_hat = dcos @ w_hat`` (a partial sum: the
-    all-gather's reduce-scatter adds the other ranks' parts) and ``dw_hat = dcos^T @ x_hat``.
-    The clamp of cos to [-1, 1] passes gradients straight through.
+    backward, per tile: ``dcos_ij = g_py_i`` at the positive and ``g_pn_i * exp(s cos_ij - s p_n_i)``
+    at the negatives (the negatives' softmax); then ``dx_hat += dcos @ w_hat`` (a partial sum: the
+    all-gather's reduce-scatter adds the other ranks' parts), ``g = dcos^T @ x_hat`` and, through
+    the normalisation (F.normalize's backward, per tile), ``dw_j = (g_j - <g_j, w_hat_j> w_hat_j) / |w_j|``,
+    written straight into the tile's rows of the gradient. Only ``[T, D]`` tiles of ``w_hat`` ever
+    exist. The clamp of cos to [-1, 1] passes gradients straight through.
     """
 
     @staticmethod
-    def forward(ctx, x_hat, w_hat, col, s: float, group: ProcessGroup | None):
-        # Under autocast the matmul picks its dtype; otherwise the embeddings' dtype decides
-        # (bf16 embeddings from a DeepSpeed bf16 engine give bf16 cosines, fp32 statistics).
-        cos = torch.matmul(x_hat, w_hat.t().to(x_hat.dtype)).clamp_(-1.0, 1.0)
-        has_pos = col >= 0
-        safe_col = col.clamp(min=0).unsqueeze(1)
-        p_y = torch.where(has_pos, cos.gather(1, safe_col).squeeze(1).float(), 0.0)
-
-        logits = cos.float() * s
-        masked = torch.where(has_pos.unsqueeze(1), float("-inf"), logits.gather(1, safe_col))
-        logits.scatter_(1, safe_col, masked)
-        # A floor below any real logit (>= -s) keeps an all-masked row at sum-exp 0, never NaN.
-        row_max = logits.amax(dim=1).clamp_(min=-2.0 * s - 1.0)
-        sum_exp = logits.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)
-        del logits
+    def forward(ctx, x_hat, weight, index, col, s: float, group: ProcessGroup | None, tile: int, keep_block: bool):
+        dtype = _compute_dtype(x_hat)
+        x_c = x_hat.to(dtype)
+        n, k = x_hat.shape[0], weight.shape[0] if index is None else index.numel()
+        norms = torch.empty(k, device=weight.device)
+        p_y = torch.zeros(n, device=x_hat.device)
+        # Online (max, sum-exp) of the negatives' logits. The max starts at a floor below any real
+        # logit (>= -s), which keeps a row without negatives at sum-exp 0, never NaN.
+        row_max = torch.full((n,), -2.0 * s - 1.0, device=x_hat.device)
+        sum_exp = torch.zeros(n, device=x_hat.device)
+        block = []
+        for start in range(0, k, tile):
+            stop = min(k, start + tile)
+            w_tile = _tile_rows(weight, index, start, stop)
+            norms[start:stop] = torch.linalg.vector_norm(w_tile.float(), dim=1)
+            cos = _tile_cosines(x_c, _unit_rows(w_tile, norms[start:stop]))
+            if keep_block:
+                block.append(cos)
+            in_tile, at = _positive_in_tile(col, start, stop)
+            p_y = torch.where(in_tile, cos.gather(1, at).squeeze(1).float(), p_y)
+            logits = cos.float() * s
+            logits.scatter_(1, at, torch.where(in_tile.unsqueeze(1), float("-inf"), logits.gather(1, at)))
+            new_max = torch.maximum(row_max, logits.amax(dim=1))
+            tile_sum = logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1)
+            sum_exp = sum_exp.mul_(torch.exp(row_max - new_max)).add_(tile_sum)
+            row_max = new_max
+            del cos, logits
 
         global_max = all_reduce_(row_max.clone(), group, ReduceOp.MAX)
         packed = torch.stack([sum_exp * torch.exp(row_max - global_max), p_y])
@@ -93,28 +150,46 @@ class _PositiveAndNegativeLSE(torch.autograd.Function):
         p_n = (global_max + torch.log(packed[0])) / s
         p_y = packed[1].clone()
 
-        ctx.s = s
-        ctx.save_for_backward(x_hat, w_hat, cos, col, p_n)
+        ctx.s, ctx.tile, ctx.dtype = s, tile, dtype
+        ctx.block = block if keep_block else None
+        ctx.save_for_backward(x_hat, weight, index, col, p_n, norms)
         return p_y, p_n
 
     @staticmethod
     def backward(ctx, g_py, g_pn):
-        x_hat, w_hat, cos, col, p_n = ctx.saved_tensors
-        s = ctx.s
-        n = cos.shape[0]
-        g_py = torch.zeros(n, device=cos.device) if g_py is None else g_py.float()
-        g_pn = torch.zeros(n, device=cos.device) if g_pn is None else g_pn.float()
-        has_pos = col >= 0
-        safe_col = col.clamp(min=0).unsqueeze(1)
+        x_hat, weight, index, col, p_n, norms = ctx.saved_tensors
+        s, tile, dtype = ctx.s, ctx.tile, ctx.dtype
+        n, k = x_hat.shape[0], norms.shape[0]
+        g_py = torch.zeros(n, device=x_hat.device) if g_py is None else g_py.float()
+        g_pn = torch.zeros(n, device=x_hat.device) if g_pn is None else g_pn.float()
+        x_c = x_hat.to(dtype)
+        inv_norm = norms.clamp(min=_NORM_EPS).reciprocal().unsqueeze(1)
+        # F.normalize's backward has no projection for rows it divided by eps instead of the norm.
+        has_norm = norms > _NORM_EPS
+        shift = (-s * p_n).unsqueeze(1)
 
-        dcos = cos.float().mul(s).sub_((s * p_n).unsqueeze(1)).exp_().mul_(g_pn.unsqueeze(1))
-        at_pos = torch.where(has_pos, g_py, dcos.gather(1, safe_col).squeeze(1))
-        dcos.scatter_(1, safe_col, at_pos.unsqueeze(1))
-
-        dcos = dcos.to(cos.dtype)
-        dx_hat = torch.matmul(dcos, w_hat.to(cos.dtype)).to(x_hat.dtype)
-        dw_hat = torch.matmul(dcos.t(), x_hat.to(cos.dtype)).to(w_hat.dtype)
-        return dx_hat, dw_hat, None, None, None
+        dx = torch.zeros(x_hat.shape, device=x_hat.device)
+        dw = torch.empty_like(weight) if index is None else torch.zeros_like(weight)
+        for i, start in enumerate(range(0, k, tile)):
+            stop = min(k, start + tile)
+            w_hat = _unit_rows(_tile_rows(weight, index, start, stop), norms[start:stop])
+            cos = (ctx.block[i] if ctx.block is not None else _tile_cosines(x_c, w_hat)).float()
+            dcos = torch.add(shift, cos, alpha=s).exp_().mul_(g_pn.unsqueeze(1))
+            in_tile, at = _positive_in_tile(col, start, stop)
+            dcos.scatter_(1, at, torch.where(in_tile.unsqueeze(1), g_py.unsqueeze(1), dcos.gather(1, at)))
+            del cos
+            dcos = dcos.to(dtype)
+            dx.add_(torch.mm(dcos, w_hat.to(dtype)))
+            # dL/dw_hat goes straight into the gradient's rows when no cast or gather is in between.
+            direct = index is None and dtype == dw.dtype
+            rows = torch.mm(dcos.t(), x_c, out=dw[start:stop]) if direct else torch.mm(dcos.t(), x_c).to(dw.dtype)
+            proj = torch.where(has_norm[start:stop], torch.linalg.vecdot(rows, w_hat), 0.0)
+            rows.addcmul_(w_hat, proj.unsqueeze(1), value=-1.0).mul_(inv_norm[start:stop])
+            if index is not None:
+                dw.index_copy_(0, index[start:stop], rows)
+            elif not direct:
+                dw[start:stop] = rows
+        return dx.to(x_hat.dtype), dw, None, None, None, None, None, None
 
 
 class ShardedHead(nn.Module):
@@ -134,6 +209,14 @@ class ShardedHead(nn.Module):
     ``check_inputs`` gathers ``[B, D, label range, non-finite count]`` from every rank once per
     step (one tiny all-gather and one host read) so that a user's mistake raises the same clear
     error on every rank instead of a hang or a NaN.
+
+    ``chunk_size`` (memory-bounded mode, GB-COSFACE.md, last section) walks the class rows in
+    tiles of that many rows in two passes and never holds the ``[N, C_local]`` block: memory
+    beyond weight, gradient and optimizer state is a few ``[N, chunk_size]`` tiles, at the price
+    of recomputing the forward product in backward. Same results as the default to rounding.
+    Neither mode holds a normalised copy of the weight, and the weight gradient is written once,
+    so clear gradients with ``zero_grad(set_to_none=True)`` (the default) to avoid a second
+    full-size buffer.
     """
 
     def __init__(
@@ -148,6 +231,7 @@ class ShardedHead(nn.Module):
         init_std: float = 0.01,
         embedding_grad_scale: float = 1.0,
         check_inputs: bool = True,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(group, DistContext):
@@ -162,6 +246,8 @@ class ShardedHead(nn.Module):
             )
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"ShardedHead: sample_rate must be in (0, 1], got {sample_rate}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"ShardedHead: chunk_size must be None or >= 1, got {chunk_size}")
         if embedding_size <= 0:
             raise ValueError(f"ShardedHead: embedding_size must be > 0, got {embedding_size}")
         self.margin_loss = margin_loss
@@ -172,6 +258,7 @@ class ShardedHead(nn.Module):
         self.seed = int(seed)
         self.embedding_grad_scale = float(embedding_grad_scale)
         self.check_inputs = check_inputs
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.weight = nn.Parameter(init_rows(self.class_start, self.num_local, embedding_size, seed, init_std))
         self._sampler = torch.Generator().manual_seed(_derived_seed("head-sample", seed, rank))
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -183,7 +270,7 @@ class ShardedHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"classes=[{self.class_start}, {self.class_start + self.num_local}) of {self.num_classes}, "
-            f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}"
+            f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}"
         )
 
     def get_extra_state(self) -> dict:
@@ -198,14 +285,15 @@ class ShardedHead(nn.Module):
         x = all_gather_with_grad(local_embeddings, self.group, self.embedding_grad_scale)
         labels = all_gather_nograd(local_labels.to(device=x.device, dtype=torch.long), self.group)
 
-        weight, col = self.weight, self._local_column(labels)
+        index, col = None, self._local_column(labels)
         if self.sample_rate < 1.0 and self.training:
             index, col = self.sample(labels)
-            weight = self.weight.index_select(0, index)
 
         x_hat = F.normalize(x, dim=1)
-        w_hat = F.normalize(weight, dim=1)
-        p_y, p_n = _PositiveAndNegativeLSE.apply(x_hat, w_hat, col, self.margin_loss.s, self.group)
+        tile = self.chunk_size or max(1, _TILE_ELEMENTS // x.shape[0])
+        p_y, p_n = _PositiveAndNegativeLSE.apply(
+            x_hat, self.weight, index, col, self.margin_loss.s, self.group, tile, self.chunk_size is None
+        )
         out = self.margin_loss(p_y, p_n, self.group)
         loss = out.per_sample.mean()
         self.last_stats = {
