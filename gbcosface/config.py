@@ -219,6 +219,9 @@ class TrainConfig(_Section):
     seed: int = _f(0, "seed of the backbone initialisation and dropout")
     deterministic: bool = _f(False, "use deterministic kernels so reruns and resumes match bit for bit")
     timeout_s: float = _f(1800.0, "seconds a collective may wait before the job fails instead of hanging")
+    preempt_grace_s: float = _f(25.0, "after SIGTERM, seconds to reach the next step, save and exit; past it the "
+                                      "process exits with code 5 and no new checkpoint (keep below the "
+                                      "scheduler's kill delay: SLURM KillWait, torchrun's 30 s)")
 
     def _problems(self) -> list[tuple[str, str]]:
         amp, engine = _choice(self.amp, AMP_MODES), _choice(self.engine, ENGINES)
@@ -230,6 +233,7 @@ class TrainConfig(_Section):
             ("max_nonfinite", self.max_nonfinite >= 1, f"must be >= 1, got {self.max_nonfinite}"),
             ("log_every", self.log_every >= 1, f"must be >= 1, got {self.log_every}"),
             ("timeout_s", self.timeout_s > 0, f"must be > 0, got {self.timeout_s}"),
+            ("preempt_grace_s", self.preempt_grace_s > 0, f"must be > 0, got {self.preempt_grace_s}"),
         )
 
 
@@ -252,11 +256,13 @@ class CheckpointConfig(_Section):
     _name = "checkpoint"
     every: int = _f(1000, "steps between checkpoints; 0 = only at the end and on preemption")
     keep: int = _f(3, "number of newest complete checkpoints kept on disk")
+    min_free_gb: float = _f(1.0, "refuse to start when the checkpoint folder's filesystem has less free space (GB); 0 = off")
 
     def _problems(self) -> list[tuple[str, str]]:
         return _checks(
             ("every", self.every >= 0, f"must be >= 0, got {self.every}"),
             ("keep", self.keep >= 1, f"must be >= 1, got {self.keep}"),
+            ("min_free_gb", self.min_free_gb >= 0, f"must be >= 0 (0 = off), got {self.min_free_gb}"),
         )
 
 

@@ -23,13 +23,15 @@ from torch.distributed import ReduceOp
 from gbcosface import checkpoint as ckpt
 from gbcosface.backbones import build_backbone
 from gbcosface.collectives import all_reduce_
-from gbcosface.config import Config, validate
+from gbcosface.config import Config
 from gbcosface.data.loader import build_loader_from_config
+from gbcosface.data.recordio import RecordIOError
 from gbcosface.distributed import DistContext
 from gbcosface.engine import build_engine, make_optimizer
 from gbcosface.head import ShardedHead
 from gbcosface.losses import build_margin_loss
 from gbcosface.metrics import Throughput, make_logger, memory_stats
+from gbcosface.preflight import run_preflight
 from gbcosface.progress import format_duration
 
 log = logging.getLogger("gbcosface.trainer")
@@ -62,6 +64,54 @@ def summarize(result: dict[str, Any], tensorboard_dir: Path | None) -> str:
 
 class NonFiniteLossError(FloatingPointError):
     """Too many non-finite losses in a row: the run stopped (after a checkpoint)."""
+
+
+class DataError(ValueError):
+    """A training record could not be used; the message names the file, key and byte offset."""
+
+
+class DistributedJobError(RuntimeError):
+    """A collective timed out or lost a peer rank; the message says what to check."""
+
+
+# What gloo, NCCL and the c10d store say when a peer is slow or gone (matched case-insensitively).
+_TIMEOUT_WORDS = ("timed out", "timeout")
+_PEER_LOST_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "pair closure",
+                    "nccl error", "connection refused")
+
+
+def explain_distributed_error(exc: BaseException, step: int, timeout_s: float) -> DistributedJobError | None:
+    """A :class:`DistributedJobError` saying what a raw collective failure means, or ``None``
+    when ``exc`` is not one."""
+    text = str(exc)
+    low = text.lower()
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if any(w in low for w in _TIMEOUT_WORDS):
+        return DistributedJobError(
+            f"step {step}: a collective did not complete within train.timeout_s = {timeout_s:g} s ({first}). "
+            "Another rank is stuck or died: look for the first error in the other ranks' logs; check for a rank "
+            "starved by slow data loading, the network between nodes, or raise train.timeout_s if a step "
+            "legitimately takes that long")
+    if any(w in low for w in _PEER_LOST_WORDS):
+        return DistributedJobError(
+            f"step {step}: another rank left the job ({first}). Its own log names the cause; the job can "
+            "resume from the last complete checkpoint (train.resume = 'auto')")
+    return None
+
+
+def explain_data_error(exc: BaseException) -> DataError | None:
+    """A :class:`DataError` from a record error, raised here or inside a DataLoader worker
+    (which re-raises it as a RuntimeError carrying the worker's traceback text)."""
+    if isinstance(exc, RecordIOError):
+        message = str(exc)
+    elif isinstance(exc, RuntimeError) and "Caught CorruptRecordError" in str(exc):
+        marker = "CorruptRecordError: "
+        message = str(exc).strip().splitlines()[-1]
+        message = message.split(marker, 1)[1] if marker in message else message
+    else:
+        return None
+    return DataError(f"{message} (set data.skip_corrupt = true to skip and count such records, or repack the "
+                     "data; `python -m gbcosface.data.pack inspect --check` lists every bad record)")
 
 
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int, total_steps: int) -> float:
@@ -118,10 +168,14 @@ class Trainer:
 
     ``stop_requested`` (set by a SIGTERM handler in ``train_dist.py``) is agreed on by all ranks
     at the next step, which then saves a checkpoint and returns.
+
+    Construction starts with the pre-flight checks (:mod:`gbcosface.preflight`): a bad config,
+    missing data, labels outside the classes, an unwritable or full output folder, or an
+    incompatible checkpoint raise the same ``PreflightError`` on every rank before any work.
     """
 
     def __init__(self, cfg: Config, ctx: DistContext) -> None:
-        validate(cfg, ctx.world_size)
+        resume_from = run_preflight(cfg, ctx)
         self.cfg, self.ctx = cfg, ctx
         self.stop_requested = False
         if cfg.train.deterministic:
@@ -153,7 +207,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self.last_saved_step = -1
-        self._resume()
+        self._resume(resume_from)
 
     # ------------------------------------------------------------------ state
 
@@ -180,8 +234,8 @@ class Trainer:
             log.info("checkpoint %s", path)
         return path
 
-    def _resume(self) -> None:
-        path = ckpt.resume_path(self.cfg.train.resume, self.cfg.checkpoint_dir)
+    def _resume(self, path: Path | None) -> None:
+        """Load ``path`` (the checkpoint the pre-flight checks chose on rank 0), if any."""
         if path is None:
             return
         loaded = ckpt.load_checkpoint(path, self.ctx, num_classes=self.cfg.data.num_classes,
@@ -316,13 +370,41 @@ class Trainer:
         accum = self.cfg.optim.grad_accum
         while self.loader.state_dict()["epoch"] < self.cfg.train.epochs:
             group = []  # a remainder of fewer than grad_accum batches is dropped at the epoch's end
-            for batch in self.loader:
+            batches = iter(self.loader)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    data_error = explain_data_error(exc)
+                    if data_error is None:
+                        raise
+                    raise data_error from None
                 group.append(batch)
                 if len(group) == accum:
                     yield group
                     group = []
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end, or until a stop is agreed; returns the step, status and history.
+
+        Raises :class:`NonFiniteLossError` (after a checkpoint), :class:`DataError` for an
+        unusable record, and :class:`DistributedJobError` when a collective times out or a
+        peer rank is gone.
+        """
+        try:
+            return self._fit()
+        except (RuntimeError, OSError) as exc:
+            if isinstance(exc, (DistributedJobError, FloatingPointError)):
+                raise
+            explained = explain_distributed_error(exc, self.step + 1, self.cfg.train.timeout_s) \
+                if self.ctx.is_distributed else None
+            if explained is None:
+                raise
+            raise explained from exc
+
+    def _fit(self) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         before = self.verify() if self.verification_sets and self.resumed_from is None else {}
         meter, acc = Throughput(window=max(2, cfg.train.log_every)), StepStats()
@@ -339,12 +421,16 @@ class Trainer:
                 self.nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in all)",
                             self.step + 1, self.nonfinite_in_a_row, self.nonfinite_total)
+                self.logger.scalar("train/nonfinite_total", self.nonfinite_total, self.step + 1)
                 if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
                     path = self.save()
                     raise NonFiniteLossError(
                         f"{self.nonfinite_in_a_row} non-finite losses in a row up to step {self.step + 1}; "
                         f"stopped with checkpoint {path}. Lower optim.lr, use train.amp='bf16' instead of "
                         "fp16, or check the data")
+                if float(self._stop_agreed) > 0:
+                    stopped = "stop requested"
+                    break
                 continue
             self.nonfinite_in_a_row = 0
             acc.add(stats)
