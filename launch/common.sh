@@ -146,7 +146,8 @@ run_command() {
     child=$!
     # A background child of a non-interactive shell ignores SIGINT, so Ctrl-C is sent on as
     # SIGTERM, which torchrun and the deepspeed launcher pass on to their workers.
-    trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+    FORWARDED=0
+    trap 'FORWARDED=1; kill -TERM "$child" 2>/dev/null' TERM INT
     # `wait` returns early when a trapped signal arrives; wait again while the child lives.
     wait "$child" || status=$?
     while kill -0 "$child" 2>/dev/null; do
@@ -154,7 +155,9 @@ run_command() {
         wait "$child" || status=$?
     done
     trap - TERM INT
-    if ((status != 0)); then
+    if ((FORWARDED)); then
+        echo "$SCRIPT_NAME: stopped by a signal (sent on to the launcher as SIGTERM); exit status $status" >&2
+    elif ((status != 0)); then
         echo "$SCRIPT_NAME: the launcher exited with status $status after $((SECONDS - start)) s" >&2
         if declare -F failure_hint >/dev/null; then
             failure_hint "$((SECONDS - start))" "$status" >&2

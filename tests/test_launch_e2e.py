@@ -186,7 +186,7 @@ def test_sigterm_to_the_launch_script_checkpoints_and_stops(synthetic, tmp_path)
     os.kill(proc.pid, signal.SIGTERM)
     finish([proc], [log], timeout=120)
     text = log.read_text()
-    assert "stop requested" in text, tails([log])
+    assert "stop requested" in text and "stopped by a signal" in text, tails([log])
     from gbcosface.checkpoint import list_checkpoints, read_manifest
 
     (ckpt,) = list_checkpoints(output / "ckpt")
