@@ -352,7 +352,7 @@ def stall(reason):
 real_save, real_rename = ckpt._save, os.rename
 
 def slow_save(obj, path):
-    if path.name == "train_state.pt":
+    if path.name.startswith("head-"):  # the first file of every save
         saves.append(path)
     if len(saves) == 2 and where == "files" and path.name == "backbone.pt":
         with open(path, "wb") as f:  # half a file on disk, as a crash mid-write leaves it
