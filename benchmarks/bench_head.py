@@ -1,0 +1,213 @@
+"""Head + loss step (forward and backward) beside a naive reference and the GEMM floor, as ratios.
+
+    python benchmarks/bench_head.py                    # default grid, a few minutes on 2 cores
+    python benchmarks/bench_head.py --quick            # tiny grid, a smoke test
+    python benchmarks/bench_head.py --cases 256x100000 --chunk-size 2048 --rounds 3
+
+Implementations, one world-size-1 step of N samples against C classes of dimension D:
+
+* ``floor``: the three products alone on the same shapes (``x @ W^T``, ``dcos @ W``,
+  ``dcos^T @ x``) on inputs allocated beforehand: what any exact head must at least do.
+* ``naive``: GB-CosFace written from the formula the way a data-parallel implementation computes
+  it (:func:`naive_gbcosface`): full logits, boolean-mask copies of positives and negatives,
+  autograd through everything.
+* ``ours``: :class:`gbcosface.head.ShardedHead` with GBCosFace, default mode.
+* ``chunked``: the same with ``chunk_size`` (memory-bounded mode).
+
+Every (case, implementation) runs in a fresh subprocess. Peak memory is the kernel's high-water
+RSS (``VmHWM``), reset through ``/proc/self/clear_refs`` after the inputs (weight, embeddings,
+labels; the floor's ``dcos``) are allocated, minus the RSS at that moment: it sees torch's CPU
+allocations, which ``tracemalloc`` does not, and unlike ``ru_maxrss`` it is not polluted by set-up.
+It is taken over the first step, from a clean allocator (a warm process would reuse memory it
+kept). ``extra`` is that peak minus the weight gradient (C x D fp32, which every implementation
+must produce): the memory beyond weight, gradient (and optimizer state, not allocated here).
+Times are the fastest of ``--iters`` steps after that first one; each round runs every
+implementation of a case back to back and the table takes the median over rounds, so the
+ratios are measured side by side even on a noisy shared machine. Single timings mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMPLS = ("floor", "naive", "ours", "chunked")
+DEFAULT_CASES = ((64, 25_000), (256, 25_000), (256, 100_000), (256, 200_000))
+QUICK_CASES = ((32, 2_000), (64, 5_000))
+
+
+def naive_gbcosface(x, weight, labels, s=32.0, m=0.16, alpha=0.15, boundary=0.6):
+    """GB-CosFace over the full ``[N, C]`` logits, every gradient by autograd (the baseline)."""
+    import torch
+    import torch.nn.functional as F
+
+    cos = F.linear(F.normalize(x), F.normalize(weight)).clamp(-1.0, 1.0)
+    is_pos = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, labels.unsqueeze(1), True)
+    p_y = cos[is_pos]
+    negatives = cos[~is_pos].view(cos.shape[0], cos.shape[1] - 1)
+    p_n = torch.logsumexp(s * negatives, dim=1) / s
+    p_v = (1.0 - alpha) * ((p_y + p_n) / 2).detach() + alpha * boundary
+    pos = F.softplus(2 * s * (p_v - p_y + m))
+    neg = F.softplus(2 * s * (p_n - p_v + m))
+    return pos.mean() / 2 + neg.mean() / 2
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def worker(impl: str, n: int, classes: int, dim: int, chunk: int, iters: int, threads: int) -> dict:
+    """One implementation, one case, in this (fresh) process: peak of the first step, best time."""
+    import torch
+
+    from gbcosface.head import ShardedHead
+    from gbcosface.losses import GBCosFace
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dim, generator=gen)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    if impl == "floor":
+        weight = torch.randn(classes, dim, generator=gen)
+        dcos = torch.randn(n, classes, generator=gen)
+
+        def step():
+            torch.mm(x, weight.t())
+            torch.mm(dcos, weight)
+            torch.mm(dcos.t(), x)
+
+    else:
+        if impl == "naive":
+            weight = torch.nn.Parameter(torch.randn(classes, dim, generator=gen) * 0.01)
+
+            def loss_fn(xi):
+                return naive_gbcosface(xi, weight, labels)
+
+        else:
+            head = ShardedHead(GBCosFace(), dim, classes, check_inputs=False, chunk_size=chunk if impl == "chunked" else None)
+            weight = head.weight
+
+            def loss_fn(xi):
+                return head(xi, labels)
+
+        def step():
+            weight.grad = None
+            xi = x.clone().requires_grad_(True)
+            loss_fn(xi).backward()
+
+    base_kb = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    step()
+    peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    grad_mb = classes * dim * 4 / 2**20
+    return {"time_s": min(times), "peak_mb": peak_mb, "extra_mb": peak_mb - grad_mb}
+
+
+def run_case(impl: str, n: int, classes: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(n), str(classes), str(args.dim),
+           str(args.chunk_size), str(args.iters), str(args.threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: dict, cases, args) -> list[dict]:
+    """Median over rounds per (case, impl), and the ratios the issue asks for."""
+    rows = []
+    for n, c in cases:
+        med = {
+            impl: {k: statistics.median(r[k] for r in results[(n, c, impl)]) for k in ("time_s", "peak_mb", "extra_mb")}
+            for impl in IMPLS
+        }
+        for impl in IMPLS:
+            m = med[impl]
+            rows.append({
+                "N": n, "classes_per_rank": c, "D": args.dim, "impl": impl,
+                "chunk_size": args.chunk_size if impl == "chunked" else "",
+                "time_s": round(m["time_s"], 4), "peak_mb": round(m["peak_mb"], 1), "extra_mb": round(m["extra_mb"], 1),
+                "time_vs_floor": round(m["time_s"] / med["floor"]["time_s"], 3),
+                "time_vs_naive": round(m["time_s"] / med["naive"]["time_s"], 3),
+                "time_vs_ours": round(m["time_s"] / med["ours"]["time_s"], 3),
+                "peak_vs_naive": round(m["peak_mb"] / med["naive"]["peak_mb"], 3),
+                "extra_vs_ours": round(m["extra_mb"] / med["ours"]["extra_mb"], 3),
+            })
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    import torch
+
+    head = (f"threads={args.threads}, rounds={args.rounds}, iters={args.iters}, D={args.dim}, "
+            f"chunk_size={args.chunk_size}, torch {torch.__version__}\n\n")
+    cols = ["N", "classes_per_rank", "impl", "time_s", "time_vs_floor", "time_vs_naive", "time_vs_ours",
+            "peak_mb", "peak_vs_naive", "extra_mb", "extra_vs_ours"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.path.insert(0, str(REPO))
+        impl, *nums = sys.argv[2:]
+        print(json.dumps(worker(impl, *(int(v) for v in nums))))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny grid, one round (a smoke test)")
+    p.add_argument("--cases", type=parse_cases, help="NxC,NxC,... (global batch x classes per rank)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2, help="timed steps per process after the first")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared machine)")
+    p.add_argument("--csv", default="bench_head.csv")
+    p.add_argument("--markdown", help="also write the table here")
+    args = p.parse_args(argv)
+    cases = args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES)
+    if args.quick:
+        args.rounds, args.iters, args.chunk_size = 1, 1, min(args.chunk_size, 512)
+
+    results: dict = {}
+    for n, c in cases:
+        for r in range(args.rounds):
+            for impl in IMPLS:
+                res = run_case(impl, n, c, args)
+                results.setdefault((n, c, impl), []).append(res)
+                print(f"N={n} C={c} {impl:8s} round {r}: {res['time_s']:.3f} s, peak {res['peak_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
+    rows = summarise(results, cases, args)
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown(rows, args)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
