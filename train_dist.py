@@ -24,10 +24,10 @@ import signal
 import sys
 import threading
 
-import torch.distributed as dist
+import torch
 
 from gbcosface.config import ConfigError, load_config
-from gbcosface.distributed import init_distributed, teardown
+from gbcosface.distributed import init_distributed, launcher_env, teardown
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NONFINITE, EXIT_DISTRIBUTED, EXIT_PREEMPT_LATE = 0, 1, 2, 3, 4, 5
 
@@ -106,17 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     watch = PreemptionWatch(cfg.train.preempt_grace_s)
-    try:
-        ctx = init_distributed(device=args.device, timeout_s=cfg.train.timeout_s, local_rank_arg=args.local_rank)
-    except dist.DistError as exc:
-        first = str(exc).strip().splitlines()[0]
-        print(f"error: the process group did not form within train.timeout_s = {cfg.train.timeout_s:g} s ({first}). "
-              "Check that every rank of the job was started (all nodes), that MASTER_ADDR:MASTER_PORT is reachable "
-              "from every node, and that WORLD_SIZE matches the number of ranks", file=sys.stderr)
-        return EXIT_DISTRIBUTED
+    try:  # the launcher's variables and the device first: mistakes there are the user's to fix
+        launcher_env(local_rank_arg=args.local_rank)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    try:
+        ctx = init_distributed(device=args.device, timeout_s=cfg.train.timeout_s, local_rank_arg=args.local_rank)
+    except RuntimeError as exc:  # the c10d store or the backend's connections
+        first = str(exc).strip().splitlines()[0]
+        print(f"error: the process group did not form within train.timeout_s = {cfg.train.timeout_s:g} s ({first}). "
+              "Check that every rank of the job was started (all nodes), that MASTER_ADDR:MASTER_PORT is reachable "
+              "from every node, and that WORLD_SIZE matches the number of ranks; under torchrun --max-restarts "
+              "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/RELIABILITY.md)", file=sys.stderr)
+        return EXIT_DISTRIBUTED
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {ctx.rank}] %(levelname)s %(message)s")
     from gbcosface.checkpoint import CheckpointError

@@ -92,7 +92,10 @@ def long_run(dataset: dict, output: Path, **train) -> dict:
 
 def torchrun(tmp_path: Path, cfg: dict, name: str) -> subprocess.Popen:
     toml = write_toml(cfg, tmp_path / f"{name}.toml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # torchrun shares its rendezvous store with the workers by default, and a restarted worker can
+    # then read the previous attempt's gloo addresses ("connectFullMesh failed ... Connection
+    # refused"; pytorch/pytorch#135712). A store per attempt avoids it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                              "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5", "train_dist.py",
                              "--config", str(toml)], cwd=ROOT, env=env,
