@@ -14,16 +14,20 @@ Implementations, one world-size-1 step of N samples against C classes of dimensi
 * ``ours``: :class:`gbcosface.head.ShardedHead` with GBCosFace, default mode.
 * ``chunked``: the same with ``chunk_size`` (memory-bounded mode).
 
-Every (case, implementation) runs in a fresh subprocess. Peak memory is the kernel's high-water
-RSS (``VmHWM``), reset through ``/proc/self/clear_refs`` after the inputs (weight, embeddings,
-labels; the floor's ``dcos``) are allocated, minus the RSS at that moment: it sees torch's CPU
-allocations, which ``tracemalloc`` does not, and unlike ``ru_maxrss`` it is not polluted by set-up.
-It is taken over the first step, from a clean allocator (a warm process would reuse memory it
-kept). ``extra`` is that peak minus the weight gradient (C x D fp32, which every implementation
-must produce): the memory beyond weight, gradient (and optimizer state, not allocated here).
-Times are the fastest of ``--iters`` steps after that first one; each round runs every
-implementation of a case back to back and the table takes the median over rounds, so the
-ratios are measured side by side even on a noisy shared machine. Single timings mean little.
+Memory: every (case, implementation) runs ``--mem-rounds`` times, each in a fresh subprocess,
+and the table takes the median. Peak memory is the kernel's high-water RSS (``VmHWM``), reset
+through ``/proc/self/clear_refs`` after the inputs (weight, embeddings, labels; the floor's
+``dcos``) are allocated, minus the RSS at that moment: it sees torch's CPU allocations, which
+``tracemalloc`` does not, and unlike ``ru_maxrss`` it is not polluted by set-up. It covers the
+first step, from a clean allocator (a warm process would reuse memory it kept); glibc's heap
+makes it vary by about 10 MB between identical runs. ``extra`` is that peak minus the weight
+gradient (C x D fp32, which every implementation must produce): the memory beyond weight and
+gradient (and optimizer state, which is not allocated here).
+
+Time: one fresh subprocess per case holds all four implementations and runs ``--rounds`` rounds,
+one step of each in turn, after a warm-up step of each. Each ratio is the median over rounds of
+that round's ratio, so the implementations are compared under the same load even on a noisy
+shared machine; absolute times are medians too and mean little there.
 """
 
 from __future__ import annotations
@@ -68,14 +72,13 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def worker(impl: str, n: int, classes: int, dim: int, chunk: int, iters: int, threads: int) -> dict:
-    """One implementation, one case, in this (fresh) process: peak of the first step, best time."""
+def build(impl: str, n: int, classes: int, dim: int, chunk: int):
+    """Inputs allocated, and a ``step()`` doing forward + backward (or the floor's products)."""
     import torch
 
     from gbcosface.head import ShardedHead
     from gbcosface.losses import GBCosFace
 
-    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, dim, generator=gen)
     labels = torch.randint(0, classes, (n,), generator=gen)
@@ -88,66 +91,80 @@ def worker(impl: str, n: int, classes: int, dim: int, chunk: int, iters: int, th
             torch.mm(dcos, weight)
             torch.mm(dcos.t(), x)
 
+        return step
+    if impl == "naive":
+        weight = torch.nn.Parameter(torch.randn(classes, dim, generator=gen) * 0.01)
+
+        def loss_fn(xi):
+            return naive_gbcosface(xi, weight, labels)
+
     else:
-        if impl == "naive":
-            weight = torch.nn.Parameter(torch.randn(classes, dim, generator=gen) * 0.01)
+        head = ShardedHead(GBCosFace(), dim, classes, check_inputs=False, chunk_size=chunk if impl == "chunked" else None)
+        weight = head.weight
 
-            def loss_fn(xi):
-                return naive_gbcosface(xi, weight, labels)
+        def loss_fn(xi):
+            return head(xi, labels)
 
-        else:
-            head = ShardedHead(GBCosFace(), dim, classes, check_inputs=False, chunk_size=chunk if impl == "chunked" else None)
-            weight = head.weight
+    def step():
+        weight.grad = None
+        loss_fn(x.clone().requires_grad_(True)).backward()
 
-            def loss_fn(xi):
-                return head(xi, labels)
+    return step
 
-        def step():
-            weight.grad = None
-            xi = x.clone().requires_grad_(True)
-            loss_fn(xi).backward()
 
+def memory_worker(impl: str, n: int, classes: int, dim: int, chunk: int) -> dict:
+    """Peak RSS over the first step of one implementation, in this fresh process."""
+    step = build(impl, n, classes, dim, chunk)
     base_kb = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     step()
     peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
+    return {"peak_mb": peak_mb, "extra_mb": peak_mb - classes * dim * 4 / 2**20}
+
+
+def time_worker(n: int, classes: int, dim: int, chunk: int, rounds: int) -> dict:
+    """Step times of all implementations, interleaved round by round in this process."""
+    steps = {impl: build(impl, n, classes, dim, chunk) for impl in IMPLS}
+    for step in steps.values():
         step()
-        times.append(time.perf_counter() - t)
-    grad_mb = classes * dim * 4 / 2**20
-    return {"time_s": min(times), "peak_mb": peak_mb, "extra_mb": peak_mb - grad_mb}
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for _ in range(rounds):
+        for impl, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t)
+    return times
 
 
-def run_case(impl: str, n: int, classes: int, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(n), str(classes), str(args.dim),
-           str(args.chunk_size), str(args.iters), str(args.threads)]
+def run_worker(args, *worker_args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *(str(a) for a in worker_args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(results: dict, cases, args) -> list[dict]:
-    """Median over rounds per (case, impl), and the ratios the issue asks for."""
+def summarise(memory: dict, times: dict, cases, args) -> list[dict]:
+    """Medians per (case, impl), and the ratios the issue asks for."""
     rows = []
     for n, c in cases:
-        med = {
-            impl: {k: statistics.median(r[k] for r in results[(n, c, impl)]) for k in ("time_s", "peak_mb", "extra_mb")}
-            for impl in IMPLS
-        }
+        mem = {impl: {k: statistics.median(r[k] for r in memory[(n, c, impl)]) for k in ("peak_mb", "extra_mb")}
+               for impl in IMPLS}
+        t = times[(n, c)]
+
+        def ratio(impl: str, ref: str) -> float:
+            return round(statistics.median(a / b for a, b in zip(t[impl], t[ref])), 3)
+
         for impl in IMPLS:
-            m = med[impl]
             rows.append({
                 "N": n, "classes_per_rank": c, "D": args.dim, "impl": impl,
                 "chunk_size": args.chunk_size if impl == "chunked" else "",
-                "time_s": round(m["time_s"], 4), "peak_mb": round(m["peak_mb"], 1), "extra_mb": round(m["extra_mb"], 1),
-                "time_vs_floor": round(m["time_s"] / med["floor"]["time_s"], 3),
-                "time_vs_naive": round(m["time_s"] / med["naive"]["time_s"], 3),
-                "time_vs_ours": round(m["time_s"] / med["ours"]["time_s"], 3),
-                "peak_vs_naive": round(m["peak_mb"] / med["naive"]["peak_mb"], 3),
-                "extra_vs_ours": round(m["extra_mb"] / med["ours"]["extra_mb"], 3),
+                "time_s": round(statistics.median(t[impl]), 4),
+                "time_vs_floor": ratio(impl, "floor"), "time_vs_naive": ratio(impl, "naive"),
+                "time_vs_ours": ratio(impl, "ours"),
+                "peak_mb": round(mem[impl]["peak_mb"], 1), "extra_mb": round(mem[impl]["extra_mb"], 1),
+                "peak_vs_naive": round(mem[impl]["peak_mb"] / mem["naive"]["peak_mb"], 3),
+                "extra_vs_ours": round(mem[impl]["extra_mb"] / mem["ours"]["extra_mb"], 3),
             })
     return rows
 
@@ -155,7 +172,7 @@ def summarise(results: dict, cases, args) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     import torch
 
-    head = (f"threads={args.threads}, rounds={args.rounds}, iters={args.iters}, D={args.dim}, "
+    head = (f"threads={args.threads}, time rounds={args.rounds}, memory rounds={args.mem_rounds}, D={args.dim}, "
             f"chunk_size={args.chunk_size}, torch {torch.__version__}\n\n")
     cols = ["N", "classes_per_rank", "impl", "time_s", "time_vs_floor", "time_vs_naive", "time_vs_ours",
             "peak_mb", "peak_vs_naive", "extra_mb", "extra_vs_ours"]
@@ -171,33 +188,38 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.path.insert(0, str(REPO))
-        impl, *nums = sys.argv[2:]
-        print(json.dumps(worker(impl, *(int(v) for v in nums))))
+        kind, *rest = sys.argv[2:]
+        if kind == "time":
+            print(json.dumps(time_worker(*(int(v) for v in rest))))
+        else:
+            print(json.dumps(memory_worker(rest[0], *(int(v) for v in rest[1:]))))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny grid, one round (a smoke test)")
     p.add_argument("--cases", type=parse_cases, help="NxC,NxC,... (global batch x classes per rank)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--iters", type=int, default=2, help="timed steps per process after the first")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (one step of each implementation)")
+    p.add_argument("--mem-rounds", type=int, default=2, help="fresh processes per implementation for memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared machine)")
     p.add_argument("--csv", default="bench_head.csv")
     p.add_argument("--markdown", help="also write the table here")
     args = p.parse_args(argv)
     cases = args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES)
     if args.quick:
-        args.rounds, args.iters, args.chunk_size = 1, 1, min(args.chunk_size, 512)
+        args.rounds, args.mem_rounds, args.chunk_size = 1, 1, min(args.chunk_size, 512)
 
-    results: dict = {}
+    memory: dict = {}
+    times: dict = {}
     for n, c in cases:
-        for r in range(args.rounds):
+        for r in range(args.mem_rounds):
             for impl in IMPLS:
-                res = run_case(impl, n, c, args)
-                results.setdefault((n, c, impl), []).append(res)
-                print(f"N={n} C={c} {impl:8s} round {r}: {res['time_s']:.3f} s, peak {res['peak_mb']:.0f} MB",
-                      file=sys.stderr, flush=True)
-    rows = summarise(results, cases, args)
+                res = run_worker(args, "memory", impl, n, c, args.dim, args.chunk_size)
+                memory.setdefault((n, c, impl), []).append(res)
+                print(f"N={n} C={c} {impl:8s} memory round {r}: peak {res['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+        times[(n, c)] = run_worker(args, "time", n, c, args.dim, args.chunk_size, args.rounds)
+        print(f"N={n} C={c} times: {times[(n, c)]}", file=sys.stderr, flush=True)
+    rows = summarise(memory, times, cases, args)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
