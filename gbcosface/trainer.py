@@ -395,8 +395,8 @@ class Trainer:
         """
         try:
             return self._fit()
-        except (RuntimeError, OSError) as exc:
-            if isinstance(exc, (DistributedJobError, FloatingPointError)):
+        except RuntimeError as exc:
+            if isinstance(exc, DistributedJobError):
                 raise
             explained = explain_distributed_error(exc, self.step + 1, self.cfg.train.timeout_s) \
                 if self.ctx.is_distributed else None

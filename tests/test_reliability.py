@@ -143,6 +143,7 @@ def _nan_on_rank_one(ctx, cfg: dict, out: str) -> None:
                f"{out}.{ctx.rank}")
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_is_skipped_by_every_rank(synthetic, tmp_path):
     cfg = make_config(synthetic, tmp_path / "run")
     run_ranks(_nan_on_rank_one, 2, tmp_path, cfg, str(tmp_path / "res"))
@@ -485,6 +486,7 @@ def _stuck_rank(rank: int, cfg: dict, init_file: str, out: str) -> None:
     os._exit(0)  # no orderly teardown: the peer is stuck
 
 
+@pytest.mark.slow
 def test_a_collective_that_never_completes_ends_with_a_clear_error(synthetic, tmp_path):
     cfg = make_config(synthetic, tmp_path / "run", train={"timeout_s": 4.0})
     init_file, out = str(tmp_path / "rdzv"), str(tmp_path / "res")
@@ -502,4 +504,4 @@ def test_a_collective_that_never_completes_ends_with_a_clear_error(synthetic, tm
             p.join()
     elapsed, message = Path(f"{out}.0").read_text().split("\n", 1)
     assert "step 1: a collective did not complete within train.timeout_s = 4 s" in message
-    assert "other ranks' logs" in message and "Timed out" in message
+    assert "other ranks' logs" in message  # gloo's own words vary: "Timed out ...", "Application timeout ..."
