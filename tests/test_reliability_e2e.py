@@ -175,6 +175,30 @@ def test_sigterm_on_every_rank_saves_once_and_exits_zero(synthetic, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_torchrun_is_forwarded_and_every_worker_saves(synthetic, tmp_path):
+    """torchrun forwards SIGTERM to its workers (and SIGKILLs them 30 s later): they save within
+    the grace period and exit 0, though torchrun itself reports the signal with a non-zero code."""
+    out = tmp_path / "run"
+    job = torchrun(tmp_path, long_run(synthetic, out), "term")
+    try:
+        wait_for_checkpoint(out / "ckpt", 5, lambda: job.poll() is None)
+        os.kill(job.pid, signal.SIGTERM)
+        job.wait(timeout=START_S)
+    finally:
+        if job.poll() is None:
+            for child in psutil.Process(job.pid).children(recursive=True):
+                os.kill(child.pid, signal.SIGKILL)
+            os.kill(job.pid, signal.SIGKILL)
+            job.wait()
+    log = (tmp_path / "term.out").read_text()
+    latest = ckpt.find_latest(out / "ckpt")
+    step = int(latest.name.split("-")[1])
+    assert f"stopped on request at step {step} with a complete checkpoint" in log, log[-3000:]
+    assert "got signal: 15" in log  # torchrun's own report; the workers exited cleanly
+    assert ckpt.checkpoint_problem(latest) is None and 5 <= step < 600
+
+
+@pytest.mark.slow
 def test_sigterm_with_a_stuck_peer_exits_within_the_grace_period(synthetic, tmp_path):
     out = tmp_path / "run"
     job = Ranks(tmp_path, long_run(synthetic, out, preempt_grace_s=3.0, timeout_s=300.0))
