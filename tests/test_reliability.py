@@ -279,11 +279,9 @@ def test_preflight_unwritable_output(synthetic, tmp_path):
 
 def test_preflight_probe_catches_what_permission_bits_miss(synthetic, tmp_path):
     """/proc passes os.access for root but refuses new folders: only writing tells."""
-    from gbcosface.config import Config
     from gbcosface.preflight import output_problems
 
     cfg = config_from_dict(make_config(synthetic, Path("/proc/gbcosface-no-such-run")))
-    assert isinstance(cfg, Config)
     problems = output_problems(cfg)
     assert len(problems) == 1 and problems[0].key == "train.output"
     assert "cannot write checkpoints to /proc/gbcosface-no-such-run/ckpt" in str(problems[0])
@@ -447,7 +445,8 @@ def test_leftovers_and_truncated_files_are_never_read(synthetic, tmp_path):
     (fake("step-00000031") / "manifest.json").unlink()
     fake("step-00000032.tmp-0badc0de")
     half = fake("step-00000033")
-    (half / "manifest.json").write_text((half / "manifest.json").read_text().replace('"complete": true', '"complete": false'))
+    manifest = (half / "manifest.json").read_text()
+    (half / "manifest.json").write_text(manifest.replace('"complete": true', '"complete": false'))
     garbled = fake("step-00000034")
     (garbled / "manifest.json").write_text('{"format": 1, "st')
 
