@@ -24,10 +24,11 @@ makes it vary by about 10 MB between identical runs. ``extra`` is that peak minu
 gradient (C x D fp32, which every implementation must produce): the memory beyond weight and
 gradient (and optimizer state, which is not allocated here).
 
-Time: one fresh subprocess per case holds all four implementations and runs ``--rounds`` rounds,
-one step of each in turn, after a warm-up step of each. Each ratio is the median over rounds of
-that round's ratio, so the implementations are compared under the same load even on a noisy
-shared machine; absolute times are medians too and mean little there.
+Time: per case, four fresh subprocesses (one per implementation, so none inherits another's
+heap or cache state) are started together and each makes a warm-up step; then ``--rounds``
+rounds ask each in turn for one timed step. Each ratio is the median over rounds of that round's
+ratio, so the implementations are compared under the same load even on a noisy shared machine;
+absolute times are medians too and mean little there.
 """
 
 from __future__ import annotations
@@ -123,25 +124,50 @@ def memory_worker(impl: str, n: int, classes: int, dim: int, chunk: int) -> dict
     return {"peak_mb": peak_mb, "extra_mb": peak_mb - classes * dim * 4 / 2**20}
 
 
-def time_worker(n: int, classes: int, dim: int, chunk: int, rounds: int) -> dict:
-    """Step times of all implementations, interleaved round by round in this process."""
-    steps = {impl: build(impl, n, classes, dim, chunk) for impl in IMPLS}
-    for step in steps.values():
+def time_server(impl: str, n: int, classes: int, dim: int, chunk: int) -> None:
+    """Warm up, then time one step per line read from stdin, answering with its seconds."""
+    step = build(impl, n, classes, dim, chunk)
+    step()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        t = time.perf_counter()
         step()
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    for _ in range(rounds):
-        for impl, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - t)
-    return times
+        print(time.perf_counter() - t, flush=True)
 
 
-def run_worker(args, *worker_args) -> dict:
+def _worker_cmd(args, *worker_args) -> tuple[list[str], dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *(str(a) for a in worker_args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    return cmd, env
+
+
+def run_memory(args, impl: str, n: int, classes: int) -> dict:
+    cmd, env = _worker_cmd(args, "memory", impl, n, classes, args.dim, args.chunk_size)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_times(args, n: int, classes: int) -> dict[str, list[float]]:
+    """Interleaved step times of the four implementations, each in its own process."""
+    procs = {}
+    for impl in IMPLS:
+        cmd, env = _worker_cmd(args, "time", impl, n, classes, args.dim, args.chunk_size)
+        procs[impl] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        for impl, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"bench_head: the {impl} worker failed to start (exit {proc.wait()})")
+        times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+        for _ in range(args.rounds):
+            for impl, proc in procs.items():
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                times[impl].append(float(proc.stdout.readline()))
+        return times
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
 
 
 def summarise(memory: dict, times: dict, cases, args) -> list[dict]:
@@ -188,18 +214,18 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.path.insert(0, str(REPO))
-        kind, *rest = sys.argv[2:]
+        kind, impl, *nums = sys.argv[2:]
         if kind == "time":
-            print(json.dumps(time_worker(*(int(v) for v in rest))))
+            time_server(impl, *(int(v) for v in nums))
         else:
-            print(json.dumps(memory_worker(rest[0], *(int(v) for v in rest[1:]))))
+            print(json.dumps(memory_worker(impl, *(int(v) for v in nums))))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny grid, one round (a smoke test)")
     p.add_argument("--cases", type=parse_cases, help="NxC,NxC,... (global batch x classes per rank)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (one step of each implementation)")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds (one step of each implementation)")
     p.add_argument("--mem-rounds", type=int, default=2, help="fresh processes per implementation for memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared machine)")
     p.add_argument("--csv", default="bench_head.csv")
@@ -214,10 +240,10 @@ def main(argv=None) -> int:
     for n, c in cases:
         for r in range(args.mem_rounds):
             for impl in IMPLS:
-                res = run_worker(args, "memory", impl, n, c, args.dim, args.chunk_size)
+                res = run_memory(args, impl, n, c)
                 memory.setdefault((n, c, impl), []).append(res)
                 print(f"N={n} C={c} {impl:8s} memory round {r}: peak {res['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
-        times[(n, c)] = run_worker(args, "time", n, c, args.dim, args.chunk_size, args.rounds)
+        times[(n, c)] = run_times(args, n, c)
         print(f"N={n} C={c} times: {times[(n, c)]}", file=sys.stderr, flush=True)
     rows = summarise(memory, times, cases, args)
     with open(args.csv, "w", newline="") as f:
