@@ -101,13 +101,21 @@ default_nproc() {
     require_int NPROC_PER_NODE "$NPROC_PER_NODE" 1
 }
 
+# torchrun's c10d rendezvous (also behind --standalone) shares its TCP store with the workers;
+# after a --max-restarts restart a worker can then read the previous attempt's gloo/NCCL
+# addresses and fail with "connectFullMesh ... Connection refused" (pytorch/pytorch#135712,
+# docs/RELIABILITY.md). A separate store per attempt avoids it; set the variable to 0 to opt out.
+torchrun_env() {
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+}
+
 # Print the environment variables that change how the job communicates, when set.
 print_env() {
     local name
     for name in NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE NCCL_DEBUG NCCL_DEBUG_SUBSYS \
         TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_BLOCKING_WAIT \
         GLOO_SOCKET_IFNAME OMP_NUM_THREADS CUDA_VISIBLE_DEVICES TORCH_EXTENSIONS_DIR \
-        TORCH_ELASTIC_SHUTDOWN_TIMEOUT; do
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT TORCH_DISABLE_SHARE_RDZV_TCP_STORE; do
         if [[ -n "${!name:-}" ]]; then
             echo "[launch] env: $name=${!name}"
         fi

@@ -103,4 +103,5 @@ EOF
 
 [[ -n "${RDZV_ENDPOINT:-}" ]] && NODE_RANK_SHOWN="assigned by rendezvous" || NODE_RANK_SHOWN="$NODE_RANK"
 echo "[launch] multi node: NNODES=$NNODES NODE_RANK=$NODE_RANK_SHOWN NPROC_PER_NODE=$NPROC_PER_NODE rendezvous=$RENDEZVOUS timeout=${RDZV_TIMEOUT}s MAX_RESTARTS=$MAX_RESTARTS"
+torchrun_env
 run_command "${cmd[@]}"

@@ -52,4 +52,5 @@ fi
 cmd+=("$TRAIN_SCRIPT" --config "$CONFIG" "${OVERRIDES[@]}")
 
 echo "[launch] single node: NPROC_PER_NODE=$NPROC_PER_NODE MAX_RESTARTS=$MAX_RESTARTS"
+torchrun_env
 run_command "${cmd[@]}"

@@ -76,7 +76,10 @@ OVERRIDES = ["optim.lr=0.05", "train.output=/tmp/run with space", "eval.bins=[]"
 
 def test_single_node_exact_command(tmp_path):
     env = clean_env(tmp_path, NPROC_PER_NODE="2")
-    argv = command_of(run("torchrun_single_node.sh", ["--config", CONFIG, "--dry-run", *OVERRIDES], env))
+    proc = run("torchrun_single_node.sh", ["--config", CONFIG, "--dry-run", *OVERRIDES], env)
+    argv = command_of(proc)
+    # A rendezvous store per restart attempt (pytorch/pytorch#135712), shown before the command.
+    assert "[launch] env: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in proc.stdout.splitlines()
     assert argv == [PY, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
                     "--standalone", env["TRAIN_SCRIPT"], "--config", CONFIG, *OVERRIDES]
 
