@@ -5,7 +5,9 @@ step all-gathers the embeddings, forms this rank's ``[N, C_local]`` cosine block
 two per-sample scalars (``p_y`` and the negatives' log-sum-exp ``p_n``) with one MAX and one SUM
 all-reduce of ``[N]``-sized buffers, and hands them to the margin loss. The block never leaves
 the rank, and its backward is formed from the per-sample gradients ``dL/dp_y``, ``dL/dp_n``
-(see ``shared/design/GB-COSFACE.md``).
+(see ``shared/design/GB-COSFACE.md``). The block is formed in tiles of class rows from the raw
+weight (no normalised copy of the shard); ``chunk_size`` (memory-bounded mode) recomputes the
+tiles in backward instead of keeping them, so the block is never held whole.
 """
 
 from __future__ import annotations
