@@ -220,8 +220,8 @@ class TrainConfig(_Section):
     deterministic: bool = _f(False, "use deterministic kernels so reruns and resumes match bit for bit")
     timeout_s: float = _f(1800.0, "seconds a collective may wait before the job fails instead of hanging")
     preempt_grace_s: float = _f(25.0, "after SIGTERM, seconds to reach the next step, save and exit; past it the "
-                                      "process exits with code 5 and no new checkpoint (keep below the "
-                                      "scheduler's kill delay: SLURM KillWait, torchrun's 30 s)")
+                                      "process exits with code 5 and no new checkpoint (keep below the scheduler's "
+                                      "kill delay: SLURM KillWait, torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT)")
 
     def _problems(self) -> list[tuple[str, str]]:
         amp, engine = _choice(self.amp, AMP_MODES), _choice(self.engine, ENGINES)
@@ -256,7 +256,7 @@ class CheckpointConfig(_Section):
     _name = "checkpoint"
     every: int = _f(1000, "steps between checkpoints; 0 = only at the end and on preemption")
     keep: int = _f(3, "number of newest complete checkpoints kept on disk")
-    min_free_gb: float = _f(1.0, "refuse to start when the checkpoint folder's filesystem has less free space (GB); 0 = off")
+    min_free_gb: float = _f(1.0, "refuse to start when the checkpoint folder's filesystem has less free GB; 0 = off")
 
     def _problems(self) -> list[tuple[str, str]]:
         return _checks(
