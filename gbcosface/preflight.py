@@ -35,6 +35,7 @@ from gbcosface.distributed import DistContext
 
 GB = 1e9
 _SCAN_CHUNK = 1 << 20  # records per vectorised read of image headers
+_MAX_ONE_BY_ONE = 10_000  # odd headers read one by one; beyond that the loader's own check remains
 # magic, lrec, then MXNet's IRHeader (flag, label, id, id2), then label[0] when flag > 0
 _HEAD = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
                   ("id2", "<u8"), ("label0", "<f4")])
@@ -97,16 +98,16 @@ def data_file_problems(cfg: Config) -> list[Problem]:
     return problems
 
 
-def scan_labels(reader: RecordReader, keys: np.ndarray) -> tuple[np.ndarray, list[int]]:
+def scan_labels(reader: RecordReader, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels of the image records ``keys`` read from their headers only, in vectorised chunks.
 
-    Returns ``(labels float64, odd_keys)``; records whose header could not be read this way
-    (split records, a header past the end of the file, a wrong magic) are listed in ``odd_keys``
-    and read one by one by the caller.
+    Returns ``(labels float64, ok bool)``; where ``ok`` is False the header could not be read
+    this way (a split record, a header past the end of the file, a wrong magic) and the label is
+    meaningless: the caller reads those records one by one.
     """
     mm = np.memmap(reader.path_rec, dtype=np.uint8, mode="r") if reader.file_size else np.zeros(0, np.uint8)
     labels = np.empty(len(keys), dtype=np.float64)
-    odd: list[int] = []
+    ok = np.zeros(len(keys), dtype=bool)
     span = np.arange(_HEAD.itemsize, dtype=np.int64)
     for lo in range(0, len(keys), _SCAN_CHUNK):
         chunk = keys[lo:lo + _SCAN_CHUNK]
@@ -117,10 +118,9 @@ def scan_labels(reader: RecordReader, keys: np.ndarray) -> tuple[np.ndarray, lis
         head = raw.view(_HEAD).reshape(-1)
         length = (head["lrec"] & ((1 << 29) - 1)).astype(np.int64)
         whole = (head["magic"] == MAGIC) & (head["lrec"] >> 29 == 0) & (length >= IR_SIZE + 4 * (head["flag"] > 0))
-        ok = inside & whole
+        ok[lo:lo + len(chunk)] = inside & whole
         labels[lo:lo + len(chunk)] = np.where(head["flag"] > 0, head["label0"], head["label"])
-        odd += chunk[~ok].tolist()
-    return labels, odd
+    return labels, ok
 
 
 def label_problems(rec: str, idx: str, num_classes: int, full_scan: bool | None = None) -> list[Problem]:
@@ -149,16 +149,15 @@ def label_problems(rec: str, idx: str, num_classes: int, full_scan: bool | None 
                     if classes > num_classes:
                         problems.append(Problem("data.num_classes", f"{prop} says {classes} classes but {where}"))
         scan_all = layout.kind != "insightface" if full_scan is None else full_scan
-        keys = layout.image_keys if scan_all else np.unique(layout.image_keys[[0, -1]])
-        labels, odd = scan_labels(reader, keys)
-        bad = ~np.isfinite(labels) | (labels != np.floor(labels)) | (labels < 0) | (labels >= num_classes)
+        keys = layout.image_keys if scan_all or len(layout.image_keys) < 2 else layout.image_keys[[0, -1]]
+        labels, ok = scan_labels(reader, keys)
+        bad = ok & (~np.isfinite(labels) | (labels != np.floor(labels)) | (labels < 0) | (labels >= num_classes))
         found = [(int(k), float(v)) for k, v in zip(keys[bad], labels[bad])]
-        for key in odd:  # split or truncated headers: read them properly
+        for key in keys[~ok][:_MAX_ONE_BY_ONE].tolist():  # split records: read them properly
             try:
                 value = first_label(reader[key][0])
-            except RecordIOError as exc:
-                problems.append(Problem("data.rec", str(exc)))
-                break
+            except RecordIOError:
+                continue  # a corrupt record: the loader stops at it or skips it (data.skip_corrupt)
             if not (math.isfinite(value) and value == int(value) and 0 <= value < num_classes):
                 found.append((key, value))
         for key, value in found[:3]:

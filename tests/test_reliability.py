@@ -235,6 +235,27 @@ def test_plain_file_labels_are_scanned_from_headers(tmp_path):
     assert len(only_fraction) == 1 and "record key 31" in str(only_fraction[0])
 
 
+def test_label_scan_reads_split_records_and_leaves_corrupt_ones_to_the_loader(tmp_path):
+    """A record whose data holds the RecordIO magic is split in parts: its header is read the
+    slow way. A record with a broken magic is not a label problem: the loader stops at it (or
+    skips it with data.skip_corrupt), naming it."""
+    from gbcosface.data.recordio import MAGIC
+    from gbcosface.preflight import label_problems
+
+    rec, idx = str(tmp_path / "split.rec"), str(tmp_path / "split.idx")
+    magic = np.uint32(MAGIC).tobytes()
+    with RecordWriter(rec, idx) as w:
+        for key in range(1, 9):
+            label = 12.0 if key == 3 else float(key)
+            w.write(key, IRHeader(0, label, key, 0), magic + b"jpeg" * 8 if key == 3 else b"\xff\xd8" * 8)
+    reader = RecordReader(rec, idx)
+    with open(rec, "r+b") as f:  # break record 6's magic
+        f.seek(reader.offset(6))
+        f.write(b"\0\0\0\0")
+    problems = label_problems(rec, idx, num_classes=10)
+    assert len(problems) == 1 and f"record key 3 at byte offset {reader.offset(3)} has label 12" in str(problems[0])
+
+
 def test_insightface_full_scan_finds_a_label_hidden_in_the_middle(synthetic, tmp_path):
     """The header shortcut trusts the label order; the full scan (plain files) does not."""
     from gbcosface.preflight import label_problems
