@@ -164,6 +164,12 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=self.backbone, optimizer=optimizer, config=ds, dist_init_required=False)
         self.input_dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+        if self.input_dtype == torch.bfloat16:
+            # DeepSpeed casts the parameters to bf16 but (at least on CPU) not the buffers;
+            # BatchNorm then refuses bf16 input against fp32 running statistics.
+            for buf in self.backbone.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.to(torch.bfloat16)
         self.scaler = None
 
     def autocast(self):

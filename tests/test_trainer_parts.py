@@ -124,10 +124,12 @@ def test_fp16_needs_cuda(synthetic, tmp_path):  # noqa: F811
 
 @pytest.mark.slow
 def test_deepspeed_zero2_resume(synthetic, tmp_path):  # noqa: F811
-    """DeepSpeed ZeRO-2 saves its partitioned optimizer with the checkpoint and resumes from it."""
+    """DeepSpeed ZeRO-2 in bf16 saves its partitioned optimizer with the checkpoint and resumes
+    from it; verification runs on the bf16 backbone."""
     require("deepspeed")
-    cfg = make_config(synthetic, tmp_path / "ds2", train={"epochs": 1, "engine": "deepspeed", "deterministic": False},
-                      deepspeed={"zero_stage": 2})
+    cfg = make_config(synthetic, tmp_path / "ds2", train={"epochs": 1, "engine": "deepspeed", "deterministic": False,
+                                                         "amp": "bf16"},
+                      deepspeed={"zero_stage": 2}, eval={"bins": [synthetic["val"]]})
     first = train(cfg, 2, tmp_path, "ds2a")
     ckpt = tmp_path / "ds2" / "ckpt" / f"step-{first['step']:08d}"
     assert (ckpt / "deepspeed").is_dir()
@@ -135,4 +137,5 @@ def test_deepspeed_zero2_resume(synthetic, tmp_path):  # noqa: F811
     second = train(cfg, 2, tmp_path, "ds2b")
     assert second["resumed_from"].endswith(ckpt.name)
     assert second["step"] == 2 * first["step"]
+    assert 0.5 < second["after"]["synth_val"] <= 1.0
     assert torch.equal(second["params"][0], second["params"][1])
