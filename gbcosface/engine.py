@@ -127,6 +127,8 @@ def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         ds = {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}
         if cfg.train.amp == "bf16":
             ds["bf16"] = {"enabled": True}
+        elif cfg.train.amp == "fp16":
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
     ds["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * ctx.world_size
@@ -142,8 +144,9 @@ class DeepSpeedEngine:
 
     DeepSpeed averages gradients, divides the loss by the accumulation steps and clips the
     backbone's gradient norm to ``optim.grad_clip`` by itself; the head shard is clipped by the
-    trainer with its own norm (summed over ranks). fp16 is refused: DeepSpeed's dynamic loss
-    scale would also scale the head's gradients, which live outside its optimizer.
+    trainer with its own norm (summed over ranks). Under fp16 DeepSpeed's loss scale also
+    multiplies the head's gradients (the backward runs through the head), so they are divided by
+    the current scale before clipping, and the head skips every step DeepSpeed skips for overflow.
     """
 
     kind = "deepspeed"
@@ -154,22 +157,21 @@ class DeepSpeedEngine:
         except ImportError as exc:
             raise ImportError(f"train.engine = 'deepspeed' needs DeepSpeed (pip install gbcosface[deepspeed]): {exc}") from None
         ds = deepspeed_config(cfg, ctx)
-        if ds.get("fp16", {}).get("enabled") or cfg.train.amp == "fp16":
-            raise ValueError("train.engine = 'deepspeed' supports train.amp = 'bf16' or 'none', not fp16 "
-                             "(its loss scale would also scale the head outside it); use bf16")
         if ds.get("zero_optimization", {}).get("stage", 0) > 2:
             raise ValueError("deepspeed: ZeRO stage 3 partitions the backbone's parameters; use stage 0, 1 or 2")
         self.backbone = backbone.to(ctx.device)
         optimizer = make_optimizer(self.backbone.parameters(), cfg, cfg.optim.lr, cfg.optim.weight_decay)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=self.backbone, optimizer=optimizer, config=ds, dist_init_required=False)
-        self.input_dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
-        if self.input_dtype == torch.bfloat16:
-            # DeepSpeed casts the parameters to bf16 but (at least on CPU) not the buffers;
-            # BatchNorm then refuses bf16 input against fp32 running statistics.
+        self.fp16 = bool(self.model.fp16_enabled())
+        self.input_dtype = torch.float16 if self.fp16 else \
+            torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+        if self.input_dtype != torch.float32:
+            # DeepSpeed casts the parameters to bf16/fp16 but (at least on CPU) not the buffers;
+            # BatchNorm then refuses low-precision input against fp32 running statistics.
             for buf in self.backbone.buffers():
                 if buf.is_floating_point():
-                    buf.data = buf.data.to(torch.bfloat16)
+                    buf.data = buf.data.to(self.input_dtype)
         self.scaler = None
 
     def autocast(self):
@@ -181,15 +183,33 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
 
+    def loss_scale(self) -> float:
+        """DeepSpeed's current fp16 loss scale (1 without fp16)."""
+        if not self.fp16:
+            return 1.0
+        opt = self.model.optimizer
+        config = getattr(opt, "loss_scale_config", None)
+        return float(config.cur_scale if config is not None else opt.cur_scale)
+
     def unscale_(self, head_optimizer: torch.optim.Optimizer) -> None:
-        """bf16 has no loss scale."""
+        scale = self.loss_scale()
+        if scale != 1.0:
+            for group in head_optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(scale)
 
     def grads(self) -> list[torch.Tensor]:
         return []  # partitioned inside ZeRO; DeepSpeed clips them and reports the norm
 
-    def step(self, head_optimizer: torch.optim.Optimizer) -> None:
+    def step(self, head_optimizer: torch.optim.Optimizer) -> bool:
+        """Returns False when DeepSpeed skipped the step (fp16 overflow); the head skips it too."""
+        skipped = self.model.skipped_steps
         self.model.step()
+        if self.model.skipped_steps != skipped:
+            return False
         head_optimizer.step()
+        return True
 
     def micro_step_done(self) -> None:
         """DeepSpeed's step() must see every micro-step to know where the boundary is."""
@@ -222,10 +242,11 @@ class DeepSpeedEngine:
 
 
 def build_engine(backbone: nn.Module, cfg: Config, ctx: DistContext) -> DDPEngine | DeepSpeedEngine:
-    if cfg.train.amp == "fp16" and ctx.device.type != "cuda":
-        raise ValueError("train.amp = 'fp16' needs a CUDA device (its grad scaler is CUDA-only); use 'bf16' on CPU")
     if cfg.train.engine == "deepspeed":
         return DeepSpeedEngine(backbone, cfg, ctx)
     if cfg.train.engine == "ddp":
+        if cfg.train.amp == "fp16" and ctx.device.type != "cuda":
+            raise ValueError("train.amp = 'fp16' with DDP needs a CUDA device (torch's grad scaler); "
+                             "use 'bf16' on CPU, or train.engine = 'deepspeed'")
         return DDPEngine(backbone, cfg, ctx)
     raise ValueError(f"train.engine: unknown engine {cfg.train.engine!r}; choose 'ddp' or 'deepspeed'")

@@ -118,7 +118,7 @@ def test_fp16_needs_cuda(synthetic, tmp_path):  # noqa: F811
     from gbcosface.trainer import Trainer
 
     cfg = config_from_dict(make_config(synthetic, tmp_path / "fp16", train={"amp": "fp16"}))
-    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+    with pytest.raises(ValueError, match="fp16' with DDP needs a CUDA device"):
         Trainer(cfg, DistContext())
 
 
@@ -139,3 +139,28 @@ def test_deepspeed_zero2_resume(synthetic, tmp_path):  # noqa: F811
     assert second["step"] == 2 * first["step"]
     assert 0.5 < second["after"]["synth_val"] <= 1.0
     assert torch.equal(second["params"][0], second["params"][1])
+
+
+@pytest.mark.slow
+def test_deepspeed_fp16_unscales_the_head(synthetic, tmp_path):  # noqa: F811
+    """Under DeepSpeed fp16 the head's gradients arrive multiplied by the loss scale (2^8 here, so
+    the first step does not overflow); the trainer divides them back, so the first step's head
+    gradient norm matches the fp32 run's."""
+    import json
+
+    require("deepspeed")
+    norms = {}
+    for amp in ("none", "fp16"):
+        ds_json = tmp_path / f"ds_{amp}.json"
+        ds = {"zero_optimization": {"stage": 1}}
+        if amp == "fp16":
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
+        ds_json.write_text(json.dumps(ds))
+        cfg = make_config(synthetic, tmp_path / amp, train={"epochs": 1, "engine": "deepspeed", "amp": amp,
+                                                           "deterministic": False, "log_every": 1},
+                          optim={"grad_clip": 0.0}, deepspeed={"config": str(ds_json)})
+        res = train(cfg, 2, tmp_path, amp)
+        norms[amp] = [h["grad_norm"] for h in res["history"]]
+        losses = [h["loss"] for h in res["history"]]
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert norms["fp16"][0] == pytest.approx(norms["none"][0], rel=0.05)
