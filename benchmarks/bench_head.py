@@ -17,10 +17,13 @@ Implementations, one world-size-1 step of N samples against C classes of dimensi
 Memory: every (case, implementation) runs ``--mem-rounds`` times, each in a fresh subprocess,
 and the table takes the median. Peak memory is the kernel's high-water RSS (``VmHWM``), reset
 through ``/proc/self/clear_refs`` after the inputs (weight, embeddings, labels; the floor's
-``dcos``) are allocated, minus the RSS at that moment: it sees torch's CPU allocations, which
-``tracemalloc`` does not, and unlike ``ru_maxrss`` it is not polluted by set-up. It covers the
-first step, from a clean allocator (a warm process would reuse memory it kept); glibc's heap
-makes it vary by about 10 MB between identical runs. ``extra`` is that peak minus the weight
+``dcos``) are allocated, minus the RSS at that moment, over two steps (a cold and a warm one):
+it sees torch's CPU allocations, which ``tracemalloc`` does not, and unlike ``ru_maxrss`` it is
+not polluted by set-up. Two measures keep it to the implementation's own tensors: a tiny step of
+the same implementation first (library buffers, lazy imports), and ``MALLOC_MMAP_THRESHOLD_``
+fixed at 128 KiB in these processes, so glibc returns every freed tensor to the kernel at once
+instead of keeping a heap whose fragmentation moved the peak by 20-90 MB between identical runs
+(times are measured with the default allocator). ``extra`` is that peak minus the weight
 gradient (C x D fp32, which every implementation must produce): the memory beyond weight and
 gradient (and optimizer state, which is not allocated here).
 
@@ -114,11 +117,13 @@ def build(impl: str, n: int, classes: int, dim: int, chunk: int):
 
 
 def memory_worker(impl: str, n: int, classes: int, dim: int, chunk: int) -> dict:
-    """Peak RSS over the first step of one implementation, in this fresh process."""
+    """Peak RSS over two steps of one implementation, in this fresh process, after a tiny step."""
+    build(impl, 8, 256, dim, 64)()
     step = build(impl, n, classes, dim, chunk)
     base_kb = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
+    step()
     step()
     peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
     return {"peak_mb": peak_mb, "extra_mb": peak_mb - classes * dim * 4 / 2**20}
@@ -143,6 +148,7 @@ def _worker_cmd(args, *worker_args) -> tuple[list[str], dict]:
 
 def run_memory(args, impl: str, n: int, classes: int) -> dict:
     cmd, env = _worker_cmd(args, "memory", impl, n, classes, args.dim, args.chunk_size)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
