@@ -16,8 +16,10 @@ inputs, its all-reduce buffer), ``ring`` is what a ring algorithm sends per rank
 all-reduce). These are computed from the tensors, not sniffed on the wire; gloo may pick another
 algorithm for small buffers. ``check_inputs`` (one tiny all-gather per step) is left on, as users
 run it. Peak memory is the rank's high-water RSS (``VmHWM``, reset through
-``/proc/self/clear_refs`` once the process group is up) minus its RSS at that moment, over the
-head's construction and its first step.
+``/proc/self/clear_refs`` once the process group is up and a tiny head has made one step, so
+library buffers are already there) minus its RSS at that moment, over the head's construction
+and one step, with glibc's mmap threshold fixed at 128 KiB (freed tensors go back to the kernel
+at once; see bench_head.py).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, classes: int,
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(b, dim, generator=gen, requires_grad=True)
     labels = torch.randint(0, classes, (b,), generator=gen)
+    warm = ShardedHead(GBCosFace(), dim, 64 * world, group=ctx.group)
+    warm(torch.randn(2, dim, requires_grad=True), torch.tensor([0, 1])).backward()
+    del warm
     ctx.barrier()
     base_kb = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -99,6 +104,7 @@ def run_world(world: int, classes: int, args) -> list[dict]:
     import torch.multiprocessing as mp
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # read by each spawned rank at start-up
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         mp.spawn(rank_main, args=(world, str(Path(tmp, "rdzv")), tmp, classes, args.batch, args.dim, args.chunk_size),
                  nprocs=world, join=True)
