@@ -309,3 +309,25 @@ def test_real_ranks_get_disjoint_equal_shards(synth, tmp_path):
     match = (flat[:, None] - truth[None]).abs().argmin(dim=1)
     assert torch.allclose(flat, truth[match], atol=1e-6)
     assert len(set(match.tolist())) == len(match) == IDS * PER_ID
+
+
+def test_workers_survive_sigterm(synth):
+    """SLURM signals every process of a job; the loader's workers must outlive it so that their
+    rank can finish its step and checkpoint."""
+    import os
+    import signal
+
+    psutil = require("psutil")
+    dataset = RecordDataset(synth / "train.rec", synth / "train.idx")
+    loader = TorchLoader(dataset, 2, 0, 1, num_workers=2, seed=0, prefetch_factor=1)
+    assert len(loader) > 6
+    before = {p.pid for p in psutil.Process().children()}
+    batches = iter(loader)
+    next(batches)
+    workers = [p for p in psutil.Process().children() if p.pid not in before]
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    psutil.wait_procs(workers, timeout=1.0)  # a worker that obeys SIGTERM is gone by now
+    rest = list(batches)
+    assert len(rest) == len(loader) - 1

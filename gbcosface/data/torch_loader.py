@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -155,6 +156,14 @@ class ShardedBatchSampler:
             yield list(zip(indices[b].tolist(), flips[b].tolist()))
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM. A scheduler (SLURM preemption) signals every process of the
+    job; a worker that died of it would take its rank down before the rank could checkpoint. The
+    rank saves and exits on SIGTERM, and its workers follow it out when it closes the loader (they
+    also watch their parent and exit when it is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _Batches:
     """A re-iterable list of batches for ``DataLoader(batch_sampler=...)``."""
 
@@ -219,6 +228,8 @@ class TorchLoader:
         kwargs = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
+        if self.num_workers > 0:
+            kwargs["worker_init_fn"] = _ignore_sigterm
         loader = DataLoader(_Uint8View(self.dataset), batch_sampler=_Batches(batches), num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **kwargs)
         for images, labels in loader:
