@@ -23,7 +23,7 @@
 #   DS_LAUNCHER     multi-node backend: pdsh (default), openmpi, mvapich, slurm, ...
 #   PYTHON, TRAIN_SCRIPT   interpreter and entry point (defaults: python3, train_dist.py)
 #   TORCH_EXTENSIONS_DIR   where DeepSpeed caches JIT-built ops (CPU: a comm op, ~40 s once)
-#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG ...  exported to every rank (see docs/DEPLOY.md;
+#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG ...  exported to every rank (see README.md;
 #                   for pdsh hosts also list them in a .deepspeed_env file)
 set -euo pipefail
 
@@ -34,7 +34,7 @@ Runs: \$PYTHON -m deepspeed.launcher.runner [--hostfile \$HOSTFILE] --num_gpus \
       --master_port \$MASTER_PORT train_dist.py --config FILE train.engine=deepspeed
       [deepspeed.config=\$DS_CONFIG] [overrides]
 Environment: HOSTFILE, NUM_NODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, DS_CONFIG,
-DS_LAUNCHER, PYTHON, TRAIN_SCRIPT. See the header of this file and docs/DEPLOY.md."
+DS_LAUNCHER, PYTHON, TRAIN_SCRIPT. See the header of this file and README.md."
 
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -24,7 +24,7 @@
 #   NPROC_PER_NODE   processes per node (default: GPUs listed by nvidia-smi, else 1)
 #   PYTHON, TRAIN_SCRIPT   interpreter and entry point (defaults: python3, train_dist.py)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, GLOO_SOCKET_IFNAME ...  passed through; see
-#                    docs/DEPLOY.md for the ones multi-node jobs usually need
+#                    README.md for the ones multi-node jobs usually need
 set -euo pipefail
 
 SCRIPT_NAME="launch/torchrun_multi_node.sh"
@@ -34,7 +34,7 @@ Run it on every node with the same NNODES and rendezvous settings:
   static: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
   c10d:   NNODES, RDZV_ENDPOINT=host:port, RDZV_ID (node ranks assigned in join order)
 Other environment: RDZV_TIMEOUT (s, default 900), MAX_RESTARTS, NPROC_PER_NODE, PYTHON,
-TRAIN_SCRIPT. See the header of this file and docs/DEPLOY.md."
+TRAIN_SCRIPT. See the header of this file and README.md."
 
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -94,7 +94,7 @@ $SCRIPT_NAME: if the log above ends in RendezvousTimeoutError or "waiting for cl
   rendezvous did not complete: not all NNODES=$NNODES nodes joined the $RENDEZVOUS within
   RDZV_TIMEOUT=${RDZV_TIMEOUT} s. Start the script on every node with the same NNODES and
   rendezvous settings, check that the rendezvous host and port are reachable from this node
-  (firewall, the right address), and see "Troubleshooting" in docs/DEPLOY.md.
+  (firewall, the right address), and see "Troubleshooting" in README.md.
 EOF
     else
         echo "$SCRIPT_NAME: training failed on node NODE_RANK=${NODE_RANK:-?}; the first failing rank's traceback is above."

@@ -13,7 +13,7 @@
 #   PYTHON           interpreter of the training environment (default: python3 on PATH)
 #   TRAIN_SCRIPT     training entry point (default: train_dist.py at the repository root)
 #   OMP_NUM_THREADS  CPU threads per process (torchrun sets 1 when unset and NPROC_PER_NODE > 1)
-#   CUDA_VISIBLE_DEVICES, NCCL_DEBUG, ...  passed through untouched (see docs/DEPLOY.md)
+#   CUDA_VISIBLE_DEVICES, NCCL_DEBUG, ...  passed through untouched (see README.md)
 set -euo pipefail
 
 SCRIPT_NAME="launch/torchrun_single_node.sh"
@@ -22,7 +22,7 @@ USAGE="usage: $SCRIPT_NAME --config FILE [--max-restarts N] [--dry-run] [section
 Runs: \$PYTHON -m torch.distributed.run --nnodes=1 --nproc-per-node=\$NPROC_PER_NODE ...
       train_dist.py --config FILE [overrides]
 Environment: NPROC_PER_NODE, MAX_RESTARTS, MASTER_PORT, PYTHON, TRAIN_SCRIPT (see the header
-of this file and docs/DEPLOY.md)."
+of this file and README.md)."
 
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
