@@ -182,8 +182,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.train.seed, ctx.rank)
 
-        backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_size, dropout=cfg.backbone.dropout) \
-            if cfg.backbone.dropout else build_backbone(cfg.backbone.name, cfg.backbone.embedding_size)
+        options = {"dropout": cfg.backbone.dropout} if cfg.backbone.dropout else {}  # tiny has no dropout
+        backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_size, **options)
         self.engine = build_engine(backbone, cfg, ctx)
         self.head = build_head(cfg, ctx)
         head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
