@@ -59,10 +59,11 @@ def init_rows(start: int, count: int, dim: int, seed: int, std: float = 0.01) ->
     return out
 
 
-# Tile size when chunk_size is None: the whole block is kept for backward, but it is filled and
-# reduced in [N, T] tiles of about this many elements (2 MB of fp32; T = 2048 rows at N = 256),
+# Tile size on CPU when chunk_size is None: the whole block is kept for backward, but it is filled
+# and reduced in [N, T] tiles of about this many elements (2 MB of fp32; T = 2048 rows at N = 256),
 # so the elementwise passes and the [T, D] row temporaries stay in cache and reuse freed memory
-# instead of faulting in fresh pages (measured 1.5x -> 1.35x the GEMM floor on a 2-core CPU).
+# instead of faulting in fresh pages (1.5x -> 1.23x the GEMM floor on a 2-core CPU, see
+# benchmarks/README.md). On accelerators the block is one tile: there, kernel launches cost more.
 _TILE_ELEMENTS = 1 << 19
 # F.normalize's default: rows shorter than this are divided by it instead of their norm.
 _NORM_EPS = 1e-12
@@ -152,14 +153,15 @@ class _PositiveAndNegativeLSE(torch.autograd.Function):
         p_n = (global_max + torch.log(packed[0])) / s
         p_y = packed[1].clone()
 
-        ctx.s, ctx.tile, ctx.dtype = s, tile, dtype
-        ctx.block = block if keep_block else None
-        ctx.save_for_backward(x_hat, weight, index, col, p_n, norms)
+        # The tiles go through save_for_backward too, so autograd frees them after backward even
+        # while the caller still holds the loss (and its graph) into the next step.
+        ctx.s, ctx.tile, ctx.dtype, ctx.keep_block = s, tile, dtype, keep_block
+        ctx.save_for_backward(x_hat, weight, index, col, p_n, norms, *block)
         return p_y, p_n
 
     @staticmethod
     def backward(ctx, g_py, g_pn):
-        x_hat, weight, index, col, p_n, norms = ctx.saved_tensors
+        x_hat, weight, index, col, p_n, norms, *block = ctx.saved_tensors
         s, tile, dtype = ctx.s, ctx.tile, ctx.dtype
         n, k = x_hat.shape[0], norms.shape[0]
         g_py = torch.zeros(n, device=x_hat.device) if g_py is None else g_py.float()
@@ -175,7 +177,7 @@ class _PositiveAndNegativeLSE(torch.autograd.Function):
         for i, start in enumerate(range(0, k, tile)):
             stop = min(k, start + tile)
             w_hat = _unit_rows(_tile_rows(weight, index, start, stop), norms[start:stop])
-            cos = (ctx.block[i] if ctx.block is not None else _tile_cosines(x_c, w_hat)).float()
+            cos = (block[i] if ctx.keep_block else _tile_cosines(x_c, w_hat)).float()
             dcos = torch.add(shift, cos, alpha=s).exp_().mul_(g_pn.unsqueeze(1))
             in_tile, at = _positive_in_tile(col, start, stop)
             dcos.scatter_(1, at, torch.where(in_tile.unsqueeze(1), g_py.unsqueeze(1), dcos.gather(1, at)))
@@ -292,7 +294,7 @@ class ShardedHead(nn.Module):
             index, col = self.sample(labels)
 
         x_hat = F.normalize(x, dim=1)
-        tile = self.chunk_size or max(1, _TILE_ELEMENTS // x.shape[0])
+        tile = self.chunk_size or (max(1, _TILE_ELEMENTS // x.shape[0]) if x.device.type == "cpu" else self.num_local)
         p_y, p_n = _PositiveAndNegativeLSE.apply(
             x_hat, self.weight, index, col, self.margin_loss.s, self.group, tile, self.chunk_size is None
         )

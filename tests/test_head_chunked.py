@@ -151,18 +151,16 @@ def test_chunked_never_holds_the_block():
         head = ShardedHead(GBCosFace(), dim, classes, chunk_size=chunk_size)
         with _Shapes() as seen:
             loss = head(x, labels)
-            node = _lse_node(loss)
-            saved = [t for t in node.saved_tensors if t is not None]
-            kept = 0 if node.block is None else sum(t.numel() for t in node.block)
+            saved = [t for t in _lse_node(loss).saved_tensors if t is not None]
             loss.backward()
-        if chunk_size is None:
-            assert kept == n * classes
-            continue
-        # x_hat [N, D], col and p_n [N], the row norms [C]; the weight itself is not a copy.
-        assert kept == 0 and any(t.data_ptr() == head.weight.data_ptr() for t in saved)
-        assert sum(t.numel() for t in saved if t.data_ptr() != head.weight.data_ptr()) == n * dim + 2 * n + classes
-        wide = [s for s in seen.shapes if len(s) == 2 and s[0] == n and s[1] > chunk and s[1] != dim]
-        assert not wide, f"[N, >chunk] tensors created: {wide}"
+        # x_hat [N, D], col and p_n [N], the row norms [C], and in the default mode the block;
+        # the weight is saved as itself, not a copy.
+        assert any(t.data_ptr() == head.weight.data_ptr() for t in saved)
+        block = n * classes if chunk_size is None else 0
+        assert sum(t.numel() for t in saved if t.data_ptr() != head.weight.data_ptr()) == n * dim + 2 * n + classes + block
+        if chunk_size is not None:
+            wide = [s for s in seen.shapes if len(s) == 2 and s[0] == n and s[1] > chunk and s[1] != dim]
+            assert not wide, f"[N, >chunk] tensors created: {wide}"
 
 
 def test_chunk_size_validation_and_repr():
