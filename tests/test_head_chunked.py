@@ -144,7 +144,7 @@ def _lse_node(loss: torch.Tensor):
 
 def test_chunked_never_holds_the_block():
     """No op creates a tensor with more than chunk_size columns per sample, and the graph keeps
-    only O(N D + C) for backward; the default mode keeps the [N, C] block."""
+    only O(N D + C) for backward; the default mode keeps the [N, C] block, until backward."""
     n, classes, dim, chunk = 8, 300, 16, 32
     x, labels = torch.randn(n, dim, requires_grad=True), torch.randint(0, classes, (n,))
     for chunk_size in (chunk, None):
@@ -153,6 +153,8 @@ def test_chunked_never_holds_the_block():
             loss = head(x, labels)
             saved = [t for t in _lse_node(loss).saved_tensors if t is not None]
             loss.backward()
+        with pytest.raises(RuntimeError, match="freed"):  # released after backward, loss still alive
+            _lse_node(loss).saved_tensors
         # x_hat [N, D], col and p_n [N], the row norms [C], and in the default mode the block;
         # the weight is saved as itself, not a copy.
         assert any(t.data_ptr() == head.weight.data_ptr() for t in saved)
