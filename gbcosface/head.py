@@ -294,7 +294,9 @@ class ShardedHead(nn.Module):
             index, col = self.sample(labels)
 
         x_hat = F.normalize(x, dim=1)
-        tile = self.chunk_size or (max(1, _TILE_ELEMENTS // x.shape[0]) if x.device.type == "cpu" else self.num_local)
+        tile = self.chunk_size
+        if tile is None:
+            tile = max(1, _TILE_ELEMENTS // x.shape[0]) if x.device.type == "cpu" else self.num_local
         p_y, p_n = _PositiveAndNegativeLSE.apply(
             x_hat, self.weight, index, col, self.margin_loss.s, self.group, tile, self.chunk_size is None
         )
