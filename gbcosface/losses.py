@@ -13,7 +13,7 @@ identical on every rank; each loss returns per-sample values whose mean is the t
 * CosFace:   ``softplus(s * (p_n - (p_y - m)))``  = cross-entropy with an additive cosine margin.
 * ArcFace:   ``softplus(s * (p_n - phi(p_y)))`` with ``phi(c) = cos(arccos(c) + m)`` (and the usual
   linear continuation ``c - m sin(m)`` past ``arccos(c) + m > pi``, which keeps it monotonic).
-* GB-CosFace: see ``shared/design/GB-COSFACE.md``; the global boundary is a buffer ``boundary``.
+* GB-CosFace: see ``docs/GB-COSFACE.md``; the global boundary is a buffer ``boundary``.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class GBCosFace(MarginLoss):
     """GB-CosFace (Chen et al., ACCV 2022): CosFace with an adaptive global boundary.
 
     The boundary state ``boundary`` (1 element, NaN until the first training step) follows
-    GB-COSFACE.md. On a training step, in this order:
+    docs/GB-COSFACE.md. On a training step, in this order:
 
     1. first step ever: ``boundary = mean(p_v)`` over the global batch;
     2. the loss uses ``G = clamp(boundary, boundary_min, boundary_max)``;
