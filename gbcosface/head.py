@@ -5,7 +5,7 @@ step all-gathers the embeddings, forms this rank's ``[N, C_local]`` cosine block
 two per-sample scalars (``p_y`` and the negatives' log-sum-exp ``p_n``) with one MAX and one SUM
 all-reduce of ``[N]``-sized buffers, and hands them to the margin loss. The block never leaves
 the rank, and its backward is formed from the per-sample gradients ``dL/dp_y``, ``dL/dp_n``
-(see ``shared/design/GB-COSFACE.md``). The block is formed in tiles of class rows from the raw
+(see ``docs/GB-COSFACE.md``). The block is formed in tiles of class rows from the raw
 weight (no normalised copy of the shard); ``chunk_size`` (memory-bounded mode) recomputes the
 tiles in backward instead of keeping them, so the block is never held whole.
 """
@@ -214,7 +214,7 @@ class ShardedHead(nn.Module):
     step (one tiny all-gather and one host read) so that a user's mistake raises the same clear
     error on every rank instead of a hang or a NaN.
 
-    ``chunk_size`` (memory-bounded mode, GB-COSFACE.md, last section) walks the class rows in
+    ``chunk_size`` (memory-bounded mode, docs/GB-COSFACE.md, last section) walks the class rows in
     tiles of that many rows in two passes and never holds the ``[N, C_local]`` block: memory
     beyond weight, gradient and optimizer state is a few ``[N, chunk_size]`` tiles, at the price
     of recomputing the forward product in backward. Same results as the default to rounding.
