@@ -23,11 +23,12 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import torch
 
 from gbcosface.config import ConfigError, load_config
-from gbcosface.distributed import init_distributed, launcher_env, teardown
+from gbcosface.distributed import exit_process, init_distributed, launcher_env, teardown
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NONFINITE, EXIT_DISTRIBUTED, EXIT_PREEMPT_LATE = 0, 1, 2, 3, 4, 5
 
@@ -88,14 +89,11 @@ class PreemptionWatch:
         os._exit(EXIT_PREEMPT_LATE)
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """Leave without the process group's orderly teardown: after a failure the other ranks may
     be inside a different collective (or gone), and a barrier would wait for train.timeout_s.
     Closing the sockets makes the peers' pending collectives fail at once instead."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    exit_process(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

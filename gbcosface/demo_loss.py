@@ -9,12 +9,11 @@ on both show the loss falling and the global boundary moving, identical on every
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
-from gbcosface.distributed import DistContext, init_distributed, teardown
+from gbcosface.distributed import DistContext, exit_process, init_distributed, teardown
 from gbcosface.head import ShardedHead
 from gbcosface.losses import GBCosFace
 
@@ -74,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, fn: Callable, world_size: int, init_file: str, args: tuple) -> None:
-    from gbcosface.distributed import init_from_file, teardown
+    from gbcosface.distributed import exit_process, init_from_file, teardown
 
     torch.set_num_threads(1)
     # What a launcher would export; DeepSpeed insists on reading them even with a group in place.
@@ -28,6 +28,7 @@ def _entry(rank: int, fn: Callable, world_size: int, init_file: str, args: tuple
         sys.stderr.flush()
         raise
     teardown(ctx)
+    exit_process(0)  # see its docstring: no interpreter finalization with a gloo group alive
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gbcosface.backbones import unwrap
-from gbcosface.distributed import DistContext, init_distributed, teardown
+from gbcosface.distributed import DistContext, exit_process, init_distributed, teardown
 from gbcosface.eval.align import align_face
 from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
 from gbcosface.eval.plot import plot_roc
@@ -251,4 +250,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    exit_process(run(main))

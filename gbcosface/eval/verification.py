@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from gbcosface.backbones import unwrap
-from gbcosface.distributed import DistContext, init_distributed, teardown
+from gbcosface.distributed import DistContext, exit_process, init_distributed, teardown
 from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
 from gbcosface.eval.roc import DEFAULT_FARS, format_far, format_table, min_resolvable_far, tar_at_far
 from gbcosface.eval.cli import run
@@ -232,4 +231,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    exit_process(run(main))
