@@ -33,6 +33,24 @@ def bare_decode(rec: str, limit: int, backend: str) -> float:
     return len(payloads) / (time.perf_counter() - t)
 
 
+def worker_side(rec: str, batches: int, batch_size: int) -> float:
+    """One worker's share of the torch loader, in this process: read, decode, flip, collate.
+
+    What the loader adds on top (moving batches between processes and normalising them to
+    floats in the main process) is the difference between this rate and ``torch_loader``'s.
+    """
+    from torch.utils.data import default_collate
+
+    from gbcosface.data.torch_loader import RecordDataset
+
+    dataset = RecordDataset(rec)
+    n = min(len(dataset), batches * batch_size)
+    t = time.perf_counter()
+    for start in range(0, n - batch_size + 1, batch_size):
+        default_collate([dataset.get_uint8((i, i % 2 == 0)) for i in range(start, start + batch_size)])
+    return (n - n % batch_size) / (time.perf_counter() - t)
+
+
 def loader_rate(loader, batches: int, batch_size: int) -> float:
     it = iter(loader)
     next(it)  # start-up (workers, pipeline build) is not throughput
@@ -73,6 +91,7 @@ def main(argv=None) -> int:
     bare = results.get("bare_simplejpeg", results["bare_pillow"])
     from gbcosface.data import build_loader
 
+    results["torch_worker_side"] = worker_side(rec, args.batches, args.batch_size)
     loader = build_loader("torch", batch_size=args.batch_size, rec=rec, num_workers=args.workers)
     results["torch_loader"] = loader_rate(loader, args.batches, args.batch_size)
     try:
