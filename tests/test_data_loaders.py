@@ -312,11 +312,11 @@ def test_real_ranks_get_disjoint_equal_shards(synth, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_workers_survive_sigterm(synth):
+def test_workers_survive_sigterm_from_others(synth):
     """SLURM signals every process of a job; the loader's workers must outlive it so that their
-    rank can finish its step and checkpoint."""
-    import os
-    import signal
+    rank can finish its step and checkpoint. The signal comes from another process (`kill`), as
+    a scheduler's does."""
+    import subprocess
 
     psutil = require("psutil")
     dataset = RecordDataset(synth / "train.rec", synth / "train.idx")
@@ -327,8 +327,29 @@ def test_workers_survive_sigterm(synth):
     next(batches), next(batches)  # in-order batches alternate workers: both have started up
     workers = [p for p in psutil.Process().children() if p.pid not in before]
     assert len(workers) == 2
-    for worker in workers:
-        os.kill(worker.pid, signal.SIGTERM)
-    psutil.wait_procs(workers, timeout=1.0)  # a worker that obeys SIGTERM is gone by now
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)
+    psutil.wait_procs(workers, timeout=1.0)  # a worker that obeys this SIGTERM is gone by now
     rest = list(batches)
     assert len(rest) == len(loader) - 2
+
+
+EXIT_WITH_LIVE_ITERATOR = """
+import sys
+from gbcosface.data.torch_loader import RecordDataset, TorchLoader
+loader = TorchLoader(RecordDataset(sys.argv[1]), 2, 0, 1, num_workers=2, prefetch_factor=1)
+batches = iter(loader)
+next(batches)
+print("exiting with a live iterator", flush=True)
+"""
+
+
+def test_exit_with_a_live_iterator_does_not_hang(synth):
+    """At interpreter exit multiprocessing terminates daemonic workers with SIGTERM and joins them:
+    the parent's SIGTERM must still end a worker, or the exit waits forever."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_ITERATOR, str(synth / "train.rec")],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "exiting with a live iterator" in out.stdout

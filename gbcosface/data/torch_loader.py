@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -156,12 +157,25 @@ class ShardedBatchSampler:
             yield list(zip(indices[b].tolist(), flips[b].tolist()))
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM. A scheduler (SLURM preemption) signals every process of the
-    job; a worker that died of it would take its rank down before the rank could checkpoint. The
-    rank saves and exits on SIGTERM, and its workers follow it out when it closes the loader (they
-    also watch their parent and exit when it is gone)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _sigterm_from_parent_only(worker_id: int) -> None:
+    """Loader workers obey SIGTERM from their rank only.
+
+    A scheduler (SLURM preemption) signals every process of the job; a worker that died of it
+    would take its rank down before the rank could checkpoint, so a SIGTERM from anyone else is
+    ignored: the rank saves and exits, and its workers follow (they watch their parent). The
+    parent's own SIGTERM (multiprocessing's shutdown of daemonic children at exit, DataLoader's
+    terminate after a join timeout) still ends the worker, so nothing waits on it forever.
+    SIGTERM is blocked in every thread and taken by one thread that sees the sender's pid.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 class _Batches:
@@ -229,7 +243,7 @@ class TorchLoader:
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
         if self.num_workers > 0:
-            kwargs["worker_init_fn"] = _ignore_sigterm
+            kwargs["worker_init_fn"] = _sigterm_from_parent_only
         loader = DataLoader(_Uint8View(self.dataset), batch_sampler=_Batches(batches), num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **kwargs)
         for images, labels in loader:
