@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import TextIO
 
 
@@ -73,6 +73,12 @@ class Progress:
         due_items = self.every_n > 0 and self.count - self._last_count >= self.every_n
         if finished or due_time or due_items:
             self._emit(now, fields)
+
+    def wrap(self, batches: Iterable[Sized]) -> Iterator[Sized]:
+        """Yield ``batches`` unchanged, counting ``len(batch)`` items after each."""
+        for batch in batches:
+            yield batch
+            self.update(len(batch))
 
     def line(self, now: float, fields: dict[str, object]) -> str:
         """The text of one progress line at time ``now`` (no newline)."""

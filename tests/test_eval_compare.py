@@ -61,10 +61,10 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys) -> None:
 def test_progress_line_reaches_total() -> None:
     import io
 
-    from gbcosface.eval.embed import Progress
+    from gbcosface.progress import Progress
 
     stream = io.StringIO()
-    bar = Progress(10, "embed", stream=stream, every_s=0.0)
+    bar = Progress(10, desc="embed", unit="img", stream=stream, every_s=0.0)
     assert sum(1 for _ in bar.wrap([np.zeros(4), np.zeros(4), np.zeros(2)])) == 3
-    lines = stream.getvalue().split("\r")
-    assert lines[-1].startswith("embed: 10/10 img") and lines[-1].endswith("\n") and "ETA" in lines[-1]
+    lines = stream.getvalue().splitlines(keepends=True)
+    assert lines[-1].startswith("embed | 10/10") and lines[-1].endswith("\n") and "ETA" in lines[-1]

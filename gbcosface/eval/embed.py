@@ -1,12 +1,8 @@
-"""Shared by the evaluators: input normalisation, flip-test embeddings, rank splits, progress."""
+"""Shared by the evaluators: input normalisation, flip-test embeddings, rank splits."""
 
 from __future__ import annotations
 
 import math
-import sys
-import time
-from collections.abc import Iterable, Iterator
-from typing import TextIO
 
 import numpy as np
 import torch
@@ -50,34 +46,3 @@ def gather_rows(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(parts, local.contiguous(), group=ctx.group)
     return torch.cat(parts)[:n]
-
-
-class Progress:
-    """One self-overwriting line: done/total, rate and ETA, at most once per ``every_s``."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, unit: str = "img",
-                 stream: TextIO | None = None, every_s: float = 1.0) -> None:
-        self.total, self.label, self.enabled, self.unit = total, label, enabled, unit
-        self.stream = stream or sys.stderr
-        self.every_s = every_s
-        self.done = self.width = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            text = (f"{self.label}: {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
-                    f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}")
-            self.width = max(self.width, len(text))
-            end = "\n" if self.done >= self.total else ""
-            self.stream.write(f"\r{text:<{self.width}}{end}")
-            self.stream.flush()
-
-    def wrap(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        for b in batches:
-            yield b
-            self.update(len(b))

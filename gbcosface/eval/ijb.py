@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from gbcosface.backbones import unwrap
 from gbcosface.distributed import DistContext, exit_process, init_distributed, teardown
 from gbcosface.eval.align import align_face
-from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
+from gbcosface.eval.embed import flip_embed, gather_rows, rank_indices
+from gbcosface.progress import Progress
 from gbcosface.eval.plot import plot_roc
 from gbcosface.eval.roc import DEFAULT_FARS, format_table, min_resolvable_far, roc_curve, tar_at_far
 from gbcosface.eval.cli import run
@@ -142,8 +143,8 @@ def extract_image_features(model: nn.Module, root: str | Path, meta: IJBMeta, ct
     rows = rank_indices(n, ctx)
     data = AlignedFaces(Path(root) / "loose_crop", meta.names, meta.landmarks, rows)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False)
-    bar = Progress(len(rows), "IJB features" + (f" (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else ""),
-                   enabled=progress and ctx.is_main)
+    bar = Progress(len(rows), desc="IJB features" + (f" (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else ""),
+                   unit="img", every_s=1.0, enabled=progress and ctx.is_main)
     model = unwrap(model)
     was_training = model.training
     model.eval()

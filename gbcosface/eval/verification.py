@@ -31,7 +31,8 @@ from torch import nn
 
 from gbcosface.backbones import unwrap
 from gbcosface.distributed import DistContext, exit_process, init_distributed, teardown
-from gbcosface.eval.embed import Progress, flip_embed, gather_rows, rank_indices
+from gbcosface.eval.embed import flip_embed, gather_rows, rank_indices
+from gbcosface.progress import Progress
 from gbcosface.eval.roc import DEFAULT_FARS, format_far, format_table, min_resolvable_far, tar_at_far
 from gbcosface.eval.cli import run
 
@@ -181,7 +182,8 @@ def embed_images(model: nn.Module, images: torch.Tensor, ctx: DistContext, batch
     runs in eval mode and is put back in its previous mode."""
     n = len(images)
     idx = torch.from_numpy(rank_indices(n, ctx))
-    bar = Progress(len(idx), f"{label} (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else label,
+    desc = f"{label} (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else label
+    bar = Progress(len(idx), desc=desc, unit="img", every_s=1.0,
                    enabled=progress and ctx.is_main)
     model = unwrap(model)
     was_training = model.training
