@@ -173,3 +173,20 @@ run_command() {
     fi
     exit "$status"
 }
+
+# The torchrun scripts' shared start: their one extra flag (--max-restarts N, or MAX_RESTARTS),
+# the common arguments, the interpreter, the training script and the processes per node.
+torchrun_setup() {
+    extra_flag() {
+        case "$1" in
+            --max-restarts) MAX_RESTARTS="$2" ;;
+            *) return 1 ;;
+        esac
+    }
+    parse_args "$@"
+    find_python
+    find_train_script
+    default_nproc
+    MAX_RESTARTS="${MAX_RESTARTS:-0}"
+    require_int MAX_RESTARTS "$MAX_RESTARTS" 0
+}

@@ -39,25 +39,13 @@ TRAIN_SCRIPT. See the header of this file and README.md."
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-extra_flag() {
-    case "$1" in
-        --max-restarts) MAX_RESTARTS="$2" ;;
-        *) return 1 ;;
-    esac
-}
-
-parse_args "$@"
-find_python
-find_train_script
-default_nproc
+torchrun_setup "$@"
 
 [[ -n "${NNODES:-}" ]] || die "NNODES is not set: export the number of nodes (the same value on every node)"
 require_int NNODES "$NNODES" 1
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-}}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-900}"
 require_int RDZV_TIMEOUT "$RDZV_TIMEOUT" 1
-MAX_RESTARTS="${MAX_RESTARTS:-0}"
-require_int MAX_RESTARTS "$MAX_RESTARTS" 0
 if [[ -n "$NODE_RANK" ]]; then
     require_int NODE_RANK "$NODE_RANK" 0 "$((NNODES - 1))"
 fi

@@ -27,19 +27,7 @@ of this file and README.md)."
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-extra_flag() {
-    case "$1" in
-        --max-restarts) MAX_RESTARTS="$2" ;;
-        *) return 1 ;;
-    esac
-}
-
-parse_args "$@"
-find_python
-find_train_script
-default_nproc
-MAX_RESTARTS="${MAX_RESTARTS:-0}"
-require_int MAX_RESTARTS "$MAX_RESTARTS" 0
+torchrun_setup "$@"
 
 cmd=("$PYTHON" -m torch.distributed.run --nnodes=1 --nproc-per-node="$NPROC_PER_NODE"
     --max-restarts="$MAX_RESTARTS")
